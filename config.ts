@@ -1,0 +1,218 @@
+/**
+ * Command-line configuration for `citysip serve`: one typed object from `node:util` parseArgs (the
+ * reachable stand-in for `@std/cli`), validated once at start-up. Every bad flag or value is a
+ * {@link ConfigError} whose message is one line; `main.ts` prints it and exits with status 2.
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { LEVELS, type LogLevel } from "./log.ts";
+
+/** A bad flag or value. */
+export class ConfigError extends Error {
+  override name = "ConfigError";
+}
+
+/** One listening socket. */
+export interface ListenSpec {
+  readonly transport: "udp" | "tcp";
+  /** IP address to bind (IPv6 without brackets). */
+  readonly host: string;
+  /** 0 picks a free port. */
+  readonly port: number;
+}
+
+/** Everything `serve` is configured with. */
+export interface ServeConfig {
+  /** @default [udp:0.0.0.0:5060, tcp:0.0.0.0:5060] */
+  readonly listen: readonly ListenSpec[];
+  /** Domains this registrar is responsible for; empty accepts any. @default [] */
+  readonly domains: readonly string[];
+  /** @default 60 */
+  readonly minExpires: number;
+  /** @default 7200 */
+  readonly maxExpires: number;
+  /** @default 3600 */
+  readonly defaultExpires: number;
+  /** @default 10 */
+  readonly maxBindingsPerAor: number;
+  /** Largest SIP message accepted, bytes. @default 65536 */
+  readonly maxMessageSize: number;
+  /** Seconds a TCP flow may take to complete a message's headers once started. @default 10 */
+  readonly headerTimeout: number;
+  /** Seconds a TCP flow may stay silent before it is closed; 0 never. @default 7500 */
+  readonly idleTimeout: number;
+  /** TCP flows this process holds at most (below the 20,000 files a process may open). @default 19000 */
+  readonly maxFlows: number;
+  /** TCP flows one source IP may hold. @default 1000 */
+  readonly maxFlowsPerIp: number;
+  /** Queue delay (ms) above which classify refuses new requests with 503. @default 100 */
+  readonly admissionDelayMs: number;
+  /** The location store: "memory" (nothing kept) or "postgres" (a server URL or the embedded default). */
+  readonly store: "memory" | "postgres";
+  /** PostgreSQL URL (`--db` or `DATABASE_URL`); null runs the embedded PostgreSQL. */
+  readonly db: string | null;
+  /** The embedded PostgreSQL's data directory. */
+  readonly dataDir: string;
+  /** Group commit: longest wait for a batch, ms. @default 2 */
+  readonly commitWindowMs: number;
+  /** Group commit: most changes in one batch. @default 1000 */
+  readonly commitBatch: number;
+  /** Challenge REGISTERs with digest authentication (RFC 3261 §22). @default false */
+  readonly auth: boolean;
+  /** Prometheus metrics listen address, or null for none. */
+  readonly metrics: { readonly host: string; readonly port: number } | null;
+  readonly logLevel: LogLevel;
+}
+
+/** The help text of `citysip serve`. */
+export const SERVE_HELP = `Usage: citysip serve [options]
+
+Options:
+  --listen T:HOST:PORT     listen on udp or tcp (repeatable; default udp:0.0.0.0:5060, tcp:0.0.0.0:5060)
+  --domain D               a domain this registrar serves (repeatable; default: any)
+  --min-expires S          shortest registration granted, else 423 (default 60)
+  --max-expires S          longest registration granted (default 7200)
+  --default-expires S      when the REGISTER names none (default 3600)
+  --max-bindings N         contacts one AOR may hold (default 10)
+  --max-message-size B     largest SIP message (default 65536)
+  --header-timeout S       time to complete a message's headers on TCP (default 10)
+  --idle-timeout S         close a silent TCP flow after S seconds, 0 never (default 7500)
+  --max-flows N            TCP flows this process holds (default 19000)
+  --max-flows-per-ip N     TCP flows one source IP holds (default 1000)
+  --admission-delay MS     queue delay above which new requests get 503 (default 100)
+  --store memory|postgres  where bindings live (default postgres: --db, DATABASE_URL or embedded)
+  --db URL                 PostgreSQL server URL (default: $DATABASE_URL, else the embedded engine)
+  --data-dir DIR           the embedded engine's data directory (default $XDG_STATE_HOME/citysip)
+  --commit-window MS       group commit: longest wait for a batch (default 2)
+  --commit-batch N         group commit: most changes per batch (default 1000)
+  --auth                   require digest authentication for REGISTER
+  --metrics HOST:PORT      serve Prometheus metrics over HTTP
+  --log-level L            error, warn, info or debug (default info)
+  -h, --help               this text`;
+
+function integer(flag: string, raw: string | undefined, def: number, min: number, max: number): number {
+  if (raw === undefined) return def;
+  if (!/^\d+$/.test(raw)) throw new ConfigError(`invalid --${flag} "${raw}": expected a whole number`);
+  const n = Number(raw);
+  if (n < min || n > max) {
+    throw new ConfigError(`invalid --${flag} "${raw}": expected ${min} to ${max}`);
+  }
+  return n;
+}
+
+/** Parses `HOST:PORT`, `[v6]:PORT`; throws ConfigError naming the flag. */
+export function parseHostPort(flag: string, raw: string): { host: string; port: number } {
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:\[\]]+)):(\d{1,5})$/.exec(raw);
+  const port = m ? Number(m[3]) : NaN;
+  if (!m || port > 65535) {
+    throw new ConfigError(`invalid --${flag} "${raw}": expected HOST:PORT`);
+  }
+  return { host: (m[1] ?? m[2])!, port };
+}
+
+function parseListen(raw: string): ListenSpec {
+  const colon = raw.indexOf(":");
+  const transport = raw.slice(0, colon).toLowerCase();
+  if (colon < 0 || (transport !== "udp" && transport !== "tcp")) {
+    throw new ConfigError(`invalid --listen "${raw}": expected udp:HOST:PORT or tcp:HOST:PORT`);
+  }
+  try {
+    return { transport, ...parseHostPort("listen", raw.slice(colon + 1)) };
+  } catch {
+    throw new ConfigError(`invalid --listen "${raw}": expected udp:HOST:PORT or tcp:HOST:PORT`);
+  }
+}
+
+function defaultDataDir(): string {
+  const state = Deno.env.get("XDG_STATE_HOME") ??
+    `${Deno.env.get("HOME") ?? "."}/.local/state`;
+  return `${state}/citysip`;
+}
+
+/** Parses and validates the arguments of `citysip serve`. Returns "help" when help was asked for. */
+export function parseServeArgs(args: string[], env: Record<string, string> = {}): ServeConfig | "help" {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args,
+      strict: true,
+      allowPositionals: false,
+      options: {
+        listen: { type: "string", multiple: true },
+        domain: { type: "string", multiple: true },
+        "min-expires": { type: "string" },
+        "max-expires": { type: "string" },
+        "default-expires": { type: "string" },
+        "max-bindings": { type: "string" },
+        "max-message-size": { type: "string" },
+        "header-timeout": { type: "string" },
+        "idle-timeout": { type: "string" },
+        "max-flows": { type: "string" },
+        "max-flows-per-ip": { type: "string" },
+        "admission-delay": { type: "string" },
+        store: { type: "string" },
+        db: { type: "string" },
+        "data-dir": { type: "string" },
+        "commit-window": { type: "string" },
+        "commit-batch": { type: "string" },
+        auth: { type: "boolean" },
+        metrics: { type: "string" },
+        "log-level": { type: "string" },
+        help: { type: "boolean", short: "h" },
+      },
+    }));
+  } catch (error) {
+    // parseArgs' messages are long and multi-line; keep the first sentence.
+    const msg = (error as Error).message.split("\n")[0]!.replace(/\. To specify.*$/, "");
+    throw new ConfigError(msg);
+  }
+  if (values.help) return "help";
+  const listen = (values.listen ?? ["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"]).map(parseListen);
+  const domains = (values.domain ?? []).map((d) => {
+    if (!/^[A-Za-z0-9.\-]+$|^\[[0-9A-Fa-f:.]+\]$/.test(d)) {
+      throw new ConfigError(`invalid --domain "${d}": expected a host name`);
+    }
+    return d.toLowerCase();
+  });
+  const minExpires = integer("min-expires", values["min-expires"], 60, 1, 2 ** 31 - 1);
+  const maxExpires = integer("max-expires", values["max-expires"], 7200, 1, 2 ** 31 - 1);
+  const defaultExpires = integer("default-expires", values["default-expires"], 3600, 1, 2 ** 31 - 1);
+  if (minExpires > maxExpires) {
+    throw new ConfigError(`invalid --min-expires ${minExpires}: above --max-expires ${maxExpires}`);
+  }
+  const level = values["log-level"] ?? "info";
+  if (!(LEVELS as readonly string[]).includes(level)) {
+    throw new ConfigError(`invalid --log-level "${level}": expected ${LEVELS.join(", ")}`);
+  }
+  const store = values.store ?? "postgres";
+  if (store !== "memory" && store !== "postgres") {
+    throw new ConfigError(`invalid --store "${store}": expected memory or postgres`);
+  }
+  const db = values.db ?? env["DATABASE_URL"] ?? null;
+  if (db !== null && !/^postgres(ql)?:\/\//.test(db)) {
+    throw new ConfigError(`invalid --db "${db}": expected a postgres:// URL`);
+  }
+  return {
+    listen,
+    domains,
+    minExpires,
+    maxExpires,
+    defaultExpires: Math.min(Math.max(defaultExpires, minExpires), maxExpires),
+    maxBindingsPerAor: integer("max-bindings", values["max-bindings"], 10, 1, 1000),
+    maxMessageSize: integer("max-message-size", values["max-message-size"], 65536, 512, 1 << 24),
+    headerTimeout: integer("header-timeout", values["header-timeout"], 10, 1, 3600),
+    idleTimeout: integer("idle-timeout", values["idle-timeout"], 7500, 0, 2 ** 31 - 1),
+    maxFlows: integer("max-flows", values["max-flows"], 19000, 1, 10_000_000),
+    maxFlowsPerIp: integer("max-flows-per-ip", values["max-flows-per-ip"], 1000, 1, 10_000_000),
+    admissionDelayMs: integer("admission-delay", values["admission-delay"], 100, 1, 60_000),
+    store,
+    db,
+    dataDir: values["data-dir"] ?? defaultDataDir(),
+    commitWindowMs: integer("commit-window", values["commit-window"], 2, 0, 1000),
+    commitBatch: integer("commit-batch", values["commit-batch"], 1000, 1, 100_000),
+    auth: values.auth ?? false,
+    metrics: values.metrics ? parseHostPort("metrics", values.metrics) : null,
+    logLevel: level as LogLevel,
+  };
+}

@@ -1,0 +1,303 @@
+/**
+ * The stage runtime (SEDA): a stage is a named step with a bounded queue, a worker set (how many items
+ * it may have in service at once) and counters. Stages run inside one single-threaded event loop, so the
+ * worker set matters for stages that await I/O (the registrar awaiting a group commit).
+ *
+ * Two ways to run:
+ * - `inline`: an item offered to an idle stage is handled at once, on the caller's stack (cheap steps:
+ *   frame, classify, respond). It queues only while the worker set is busy.
+ * - `deferred`: items always queue and are drained from a macrotask, at most `budgetMs` of work per turn,
+ *   so the event loop goes back to reading sockets between turns. Under overload the queue, not the
+ *   kernel's socket buffers, holds the backlog, and its measured delay drives admission control.
+ *
+ * The queue is a ring buffer of fixed capacity; `head` is the oldest item, `size` how many are held:
+ *
+ * ```
+ *   slots:  [ . . . h1 h2 h3 h4 . . ]   capacity 10
+ *                   ^head       ^head+size (mod capacity): next free slot
+ * ```
+ *
+ * No exception leaves a stage: a handler that throws (a bug) is counted as a drop with reason
+ * `handler-error` and reported through `onError`.
+ *
+ * @module
+ */
+import { setImmediate } from "node:timers";
+
+/** Upper bounds (seconds) of the latency histogram buckets: 10 µs to 5 s, then +Inf. */
+export const LATENCY_BUCKETS: readonly number[] = [
+  0.00001,
+  0.000025,
+  0.00005,
+  0.0001,
+  0.00025,
+  0.0005,
+  0.001,
+  0.0025,
+  0.005,
+  0.01,
+  0.025,
+  0.05,
+  0.1,
+  0.25,
+  0.5,
+  1,
+  2.5,
+  5,
+];
+
+/** A cumulative-on-export histogram of durations in seconds, with the fixed {@link LATENCY_BUCKETS}. */
+export class Histogram {
+  /** counts[i] holds observations <= LATENCY_BUCKETS[i] and > the bucket below; the last is +Inf. */
+  readonly counts: Float64Array = new Float64Array(LATENCY_BUCKETS.length + 1);
+  sum = 0;
+  count = 0;
+
+  /** Records one duration in seconds. */
+  observe(seconds: number): void {
+    let i = 0;
+    while (i < LATENCY_BUCKETS.length && seconds > LATENCY_BUCKETS[i]!) i++;
+    this.counts[i]!++;
+    this.sum += seconds;
+    this.count++;
+  }
+
+  /** The q-quantile (0..1) estimated from the buckets by linear interpolation; 0 when empty. */
+  quantile(q: number): number {
+    if (this.count === 0) return 0;
+    const rank = q * this.count;
+    let seen = 0;
+    for (let i = 0; i < this.counts.length; i++) {
+      const c = this.counts[i]!;
+      if (seen + c >= rank && c > 0) {
+        const lower = i === 0 ? 0 : LATENCY_BUCKETS[i - 1]!;
+        const upper = LATENCY_BUCKETS[i] ?? lower * 2;
+        return lower + (upper - lower) * ((rank - seen) / c);
+      }
+      seen += c;
+    }
+    return LATENCY_BUCKETS[LATENCY_BUCKETS.length - 1]!;
+  }
+}
+
+/** A stage's counters at one moment, for metrics and the benchmark. */
+export interface StageSnapshot {
+  readonly name: string;
+  readonly arrivals: number;
+  readonly admitted: number;
+  readonly completed: number;
+  readonly dropped: Readonly<Record<string, number>>;
+  readonly queueLength: number;
+  readonly queueCapacity: number;
+  readonly inFlight: number;
+  readonly concurrency: number;
+  readonly queueWait: Histogram;
+  readonly serviceTime: Histogram;
+}
+
+/** How a stage is built. */
+export interface StageOptions<T> {
+  /** The stage's name in metrics: `frame`, `classify`, `registrar`, ... */
+  readonly name: string;
+  /** Maximum items waiting. */
+  readonly capacity: number;
+  /** Maximum items in service at once (the worker set). */
+  readonly concurrency: number;
+  /** `inline` or `deferred` (see the module docs). @default "inline" */
+  readonly mode?: "inline" | "deferred";
+  /** Deferred stages: milliseconds of handler work per event-loop turn. @default 4 */
+  readonly budgetMs?: number;
+  /** Handles one item. A returned promise keeps the item in service until it settles. */
+  readonly handler: (item: T) => void | Promise<void>;
+  /** Told of handler exceptions (bugs). The item is counted as dropped with reason `handler-error`. */
+  readonly onError?: (error: unknown, stage: string) => void;
+}
+
+const now = (): number => performance.now();
+
+/** One stage: a bounded queue, a worker set and its counters. */
+export class Stage<T> {
+  readonly name: string;
+  readonly capacity: number;
+  readonly concurrency: number;
+  readonly mode: "inline" | "deferred";
+  readonly queueWait: Histogram = new Histogram();
+  readonly serviceTime: Histogram = new Histogram();
+  arrivals = 0;
+  admitted = 0;
+  completed = 0;
+  readonly dropped: Record<string, number> = {};
+
+  readonly #handler: (item: T) => void | Promise<void>;
+  readonly #onError: (error: unknown, stage: string) => void;
+  readonly #budgetMs: number;
+  readonly #items: (T | undefined)[];
+  readonly #enqueuedAt: Float64Array;
+  #head = 0;
+  #size = 0;
+  #inFlight = 0;
+  #scheduled = false;
+  #draining = false;
+  /** Exponentially weighted mean of recent queue waits, in milliseconds. */
+  #waitEwmaMs = 0;
+
+  constructor(options: StageOptions<T>) {
+    if (options.capacity < 1 || options.concurrency < 1) {
+      throw new RangeError(`Cannot create stage ${options.name}: capacity and concurrency must be >= 1`);
+    }
+    this.name = options.name;
+    this.capacity = options.capacity;
+    this.concurrency = options.concurrency;
+    this.mode = options.mode ?? "inline";
+    this.#budgetMs = options.budgetMs ?? 4;
+    this.#handler = options.handler;
+    this.#onError = options.onError ?? (() => {});
+    this.#items = new Array<T | undefined>(options.capacity);
+    this.#enqueuedAt = new Float64Array(options.capacity);
+  }
+
+  /** Items waiting. */
+  get queueLength(): number {
+    return this.#size;
+  }
+
+  /** Items in service. */
+  get inFlight(): number {
+    return this.#inFlight;
+  }
+
+  /** Free queue slots. */
+  get free(): number {
+    return this.capacity - this.#size;
+  }
+
+  /** How long the oldest waiting item has waited, in milliseconds (0 when none waits). */
+  headAgeMs(at: number = now()): number {
+    return this.#size === 0 ? 0 : at - this.#enqueuedAt[this.#head]!;
+  }
+
+  /** The measured queue delay in milliseconds: the larger of the recent mean wait and the head's age. */
+  queueDelayMs(at: number = now()): number {
+    return Math.max(this.#waitEwmaMs, this.headAgeMs(at));
+  }
+
+  /**
+   * Offers an item. Returns false when the queue is full: the item is counted as dropped with reason
+   * `queue-full` and the caller decides what to answer (503, pause the flow, drop the datagram).
+   */
+  offer(item: T): boolean {
+    this.arrivals++;
+    if (this.mode === "inline" && this.#size === 0 && this.#inFlight < this.concurrency) {
+      this.admitted++;
+      this.queueWait.observe(0);
+      this.#run(item);
+      return true;
+    }
+    if (this.#size >= this.capacity) {
+      this.drop("queue-full");
+      return false;
+    }
+    this.admitted++;
+    const slot = (this.#head + this.#size) % this.capacity;
+    this.#items[slot] = item;
+    this.#enqueuedAt[slot] = now();
+    this.#size++;
+    this.#schedule();
+    return true;
+  }
+
+  /** Counts an item this stage was offered but refused or discarded, by reason. */
+  drop(reason: string): void {
+    this.dropped[reason] = (this.dropped[reason] ?? 0) + 1;
+  }
+
+  /** The counters now. */
+  snapshot(): StageSnapshot {
+    return {
+      name: this.name,
+      arrivals: this.arrivals,
+      admitted: this.admitted,
+      completed: this.completed,
+      dropped: { ...this.dropped },
+      queueLength: this.#size,
+      queueCapacity: this.capacity,
+      inFlight: this.#inFlight,
+      concurrency: this.concurrency,
+      queueWait: this.queueWait,
+      serviceTime: this.serviceTime,
+    };
+  }
+
+  /** Resolves when nothing waits and nothing is in service. */
+  async idle(): Promise<void> {
+    while (this.#size > 0 || this.#inFlight > 0) {
+      await new Promise((resolve) => setTimeout(resolve, 1));
+    }
+  }
+
+  #schedule(): void {
+    if (this.#scheduled || this.#draining) return;
+    this.#scheduled = true;
+    setImmediate(this.#drainTurn);
+  }
+
+  readonly #drainTurn = (): void => {
+    this.#scheduled = false;
+    this.#drain();
+  };
+
+  #drain(): void {
+    if (this.#draining) return;
+    this.#draining = true;
+    const start = now();
+    const deferred = this.mode === "deferred";
+    while (this.#size > 0 && this.#inFlight < this.concurrency) {
+      const t = now();
+      if (deferred && t - start >= this.#budgetMs) break;
+      const slot = this.#head;
+      const item = this.#items[slot] as T;
+      const waitMs = t - this.#enqueuedAt[slot]!;
+      this.#items[slot] = undefined;
+      this.#head = (this.#head + 1) % this.capacity;
+      this.#size--;
+      this.#waitEwmaMs += (waitMs - this.#waitEwmaMs) * 0.05;
+      this.queueWait.observe(waitMs / 1000);
+      this.#run(item);
+    }
+    this.#draining = false;
+    if (this.#size === 0) this.#waitEwmaMs *= 0.5;
+    else if (this.#inFlight < this.concurrency) this.#schedule();
+  }
+
+  #run(item: T): void {
+    const start = now();
+    this.#inFlight++;
+    let result: void | Promise<void>;
+    try {
+      result = this.#handler(item);
+    } catch (error) {
+      this.#finish(start, error);
+      return;
+    }
+    if (result instanceof Promise) {
+      result.then(() => this.#finish(start, undefined), (error) => this.#finish(start, error));
+    } else {
+      this.#finish(start, undefined);
+    }
+  }
+
+  #finish(start: number, error: unknown): void {
+    this.#inFlight--;
+    this.serviceTime.observe((now() - start) / 1000);
+    if (error !== undefined) {
+      this.drop("handler-error");
+      this.#onError(error, this.name);
+    } else {
+      this.completed++;
+    }
+    if (this.#size > 0 && !this.#draining) {
+      if (this.mode === "inline") this.#drain();
+      else this.#schedule();
+    }
+  }
+}

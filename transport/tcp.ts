@@ -1,0 +1,86 @@
+/**
+ * SIP over TCP (RFC 3261 §18): a listener sharing its port with the other workers (SO_REUSEPORT), and
+ * the flow: one accepted connection, owned by the worker that accepted it (RFC 5626 keeps flows open so
+ * requests can reach users behind NAT).
+ *
+ * `node:net` is used rather than `Deno.listen`: on this platform it costs ~4.4 KB of RSS per idle
+ * connection against ~11.7 KB (ARCHITECTURE.md, platform facts), and it shares a port across processes
+ * without an unstable flag.
+ *
+ * @module
+ */
+import net from "node:net";
+import type { Source } from "../sip/message.ts";
+
+/** Bytes a flow may have queued for sending before it counts as a slow reader and is closed. */
+export const MAX_SEND_BACKLOG = 256 * 1024;
+
+/** One TCP connection and the little state the stages keep for it. Kept small: 300,000 of them. */
+export class Flow {
+  /** Where messages on this flow come from; one object shared by all of them. */
+  readonly source: Source;
+  /** Framer state, created on the first bytes (see the frame stage). */
+  framer: unknown = null;
+  /** Requests admitted and not yet answered; reading pauses while it is high. */
+  pending = 0;
+  /** When bytes last arrived, ms (coarse clock). */
+  lastActive: number;
+  closed = false;
+
+  constructor(readonly id: number, readonly socket: net.Socket, source: Source, at: number) {
+    this.source = source;
+    this.lastActive = at;
+  }
+
+  /** Writes bytes; closes the flow if the peer has stopped reading. Returns false if the flow is gone. */
+  send(bytes: Uint8Array | string): boolean {
+    if (this.closed) return false;
+    if (this.socket.writableLength > MAX_SEND_BACKLOG) {
+      this.close();
+      return false;
+    }
+    this.socket.write(bytes);
+    return true;
+  }
+
+  /** Closes the connection (after queued bytes are written). */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.socket.end();
+    this.socket.destroySoon?.();
+  }
+}
+
+/** An open TCP listener. */
+export interface TcpTransport {
+  readonly address: string;
+  readonly port: number;
+  close(): Promise<void>;
+}
+
+/** Listens on host:port with SO_REUSEPORT and hands every accepted socket to `onConnection`. */
+export function listenTcp(
+  host: string,
+  port: number,
+  onConnection: (socket: net.Socket) => void,
+): Promise<TcpTransport> {
+  const server = net.createServer({ noDelay: true, pauseOnConnect: false }, onConnection);
+  // Errors on the listening socket after start (EMFILE on accept) must not crash the worker.
+  return new Promise((resolve, reject) => {
+    server.once("error", reject);
+    server.listen({ host, port, reusePort: true, backlog: 4096 } as net.ListenOptions, () => {
+      server.off("error", reject);
+      server.on("error", () => {});
+      const bound = server.address() as net.AddressInfo;
+      resolve({
+        address: bound.address,
+        port: bound.port,
+        close: () =>
+          new Promise((done) => {
+            server.close(() => done());
+          }),
+      });
+    });
+  });
+}
