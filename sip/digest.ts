@@ -7,7 +7,6 @@
  */
 
 import { createHash, timingSafeEqual } from "node:crypto";
-import { Buffer } from "node:buffer";
 
 /** The digest algorithms we compute (RFC 8760 §2.1). The `-sess` variants are not supported. */
 export type DigestAlgorithm = "MD5" | "SHA-256";
@@ -264,14 +263,25 @@ export function digestResponse(input: DigestResponseInput): string {
   return digestHash(input.algorithm, `${input.ha1}:${middle}:${ha2}`);
 }
 
+const scratchA = new Uint8Array(64);
+const scratchB = new Uint8Array(64);
+
+function lowerHexInto(s: string, into: Uint8Array): void {
+  // OR 0x20 lower-cases A-F and leaves digits and a-f as they are.
+  for (let i = 0; i < s.length; i++) into[i] = s.charCodeAt(i) | 0x20;
+}
+
 /**
- * Compares two hex digests in constant time for equal lengths (`timingSafeEqual`). Case-insensitive
- * for hex letters. The length is not secret: different lengths return false at once.
+ * Compares two hex digests in constant time for equal lengths (`timingSafeEqual`), ignoring the case
+ * of hex letters; meant for hex only. The length is not secret: different lengths return false at
+ * once. Digests up to 64 digits are compared without allocating.
  */
 export function digestEqual(a: string, b: string): boolean {
   if (a.length !== b.length) return false;
-  return timingSafeEqual(
-    Buffer.from(a.toLowerCase(), "latin1"),
-    Buffer.from(b.toLowerCase(), "latin1"),
-  );
+  const n = a.length;
+  const x = n <= 64 ? scratchA.subarray(0, n) : new Uint8Array(n);
+  const y = n <= 64 ? scratchB.subarray(0, n) : new Uint8Array(n);
+  lowerHexInto(a, x);
+  lowerHexInto(b, y);
+  return timingSafeEqual(x, y);
 }

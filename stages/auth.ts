@@ -48,10 +48,17 @@ export interface DigestAuthenticatorOptions {
   /** The Retry-After, in seconds, suggested when the subscriber store is unreachable. @default {5} */
   readonly retryAfterSeconds?: number;
   /**
-   * Whether the `uri` directive must equal the Request-URI (RFC 2617 §3.2.2.5). Turn off behind a
-   * proxy that rewrites the Request-URI. @default {true}
+   * Whether the `uri` directive must equal the Request-URI (RFC 2617 §3.2.2.5 "should"; RFC 3261
+   * does not ask it). Off by default: clients differ (SIPp sends its target `sip:host:port`) and
+   * proxies rewrite the Request-URI, while the nonce count already stops replays. @default {false}
    */
   readonly requireUriMatch?: boolean;
+  /**
+   * The algorithms challenged with, most preferred first, and the only ones accepted (RFC 8760
+   * §2.4). Clients that read only the first challenge (SIPp 3.6) need MD5 first.
+   * @default {["SHA-256", "MD5"]}
+   */
+  readonly algorithms?: readonly DigestAlgorithm[];
   /** The clock, in milliseconds since the epoch. @default {Date.now} */
   readonly now?: () => number;
 }
@@ -63,7 +70,7 @@ export type ResponseHeader = [name: string, value: string];
 export type AuthResult =
   /** Authenticated as `username` in `realm`. */
   | { readonly ok: true; readonly username: string; readonly realm: string }
-  /** Send 401 with these `WWW-Authenticate` headers (SHA-256 first, then MD5). */
+  /** Send 401 with these `WWW-Authenticate` headers (by default SHA-256 first, then MD5). */
   | { readonly ok: false; readonly status: 401; readonly headers: ResponseHeader[] }
   /** Send 400 (malformed credentials) or 403 (authenticated, but not for this AOR). */
   | { readonly ok: false; readonly status: 400 | 403; readonly reason: string }
@@ -117,6 +124,7 @@ export class DigestAuthenticator {
   readonly #nonceCountMax: number;
   readonly #retryAfter: number;
   readonly #requireUriMatch: boolean;
+  readonly #algorithms: readonly DigestAlgorithm[];
   readonly #now: () => number;
   readonly #dummyHa1: Record<DigestAlgorithm, string>;
   readonly #cache = new Map<string, CacheEntry>();
@@ -140,7 +148,17 @@ export class DigestAuthenticator {
     this.#cacheMax = positive("cacheMaxEntries", options.cacheMaxEntries, 100_000);
     this.#nonceCountMax = positive("nonceCountMaxEntries", options.nonceCountMaxEntries, 1_000_000);
     this.#retryAfter = positive("retryAfterSeconds", options.retryAfterSeconds, 5);
-    this.#requireUriMatch = options.requireUriMatch ?? true;
+    this.#requireUriMatch = options.requireUriMatch ?? false;
+    const algorithms = options.algorithms ?? ["SHA-256", "MD5"];
+    if (
+      algorithms.length === 0 || new Set(algorithms).size !== algorithms.length ||
+      algorithms.some((a) => digestAlgorithm(a) !== a)
+    ) {
+      throw new RangeError(
+        `Cannot create DigestAuthenticator: invalid algorithms ${JSON.stringify(algorithms)}`,
+      );
+    }
+    this.#algorithms = [...algorithms];
     this.#now = options.now ?? Date.now;
     const dummy = createHmac("sha256", this.#secret).update("citysip dummy HA1").digest("hex");
     this.#dummyHa1 = { "MD5": dummy.slice(0, 32), "SHA-256": dummy };
@@ -179,7 +197,8 @@ export class DigestAuthenticator {
     const algorithm = digestAlgorithm(credentials.algorithm);
     const { nc, cnonce } = credentials;
     if (
-      algorithm === undefined || credentials.qop !== "auth" || nc === undefined ||
+      algorithm === undefined || !this.#algorithms.includes(algorithm) ||
+      credentials.qop !== "auth" || nc === undefined ||
       cnonce === undefined
     ) {
       return this.#challenge(realm, false);
@@ -241,13 +260,10 @@ export class DigestAuthenticator {
     return {
       ok: false,
       status: 401,
-      headers: [
-        [
-          "WWW-Authenticate",
-          formatDigestChallenge({ realm, nonce, algorithm: "SHA-256", stale }),
-        ],
-        ["WWW-Authenticate", formatDigestChallenge({ realm, nonce, algorithm: "MD5", stale })],
-      ],
+      headers: this.#algorithms.map((algorithm) => [
+        "WWW-Authenticate",
+        formatDigestChallenge({ realm, nonce, algorithm, stale }),
+      ]),
     };
   }
 

@@ -466,13 +466,50 @@ Deno.test("DigestAuthenticator.check()", async (t) => {
     assert.ok(!result.ok && result.status === 400);
   });
 
-  await t.step("digest uri other than the Request-URI -> 400 (RFC 2617 §3.2.2.5)", async () => {
+  await t.step("digest uri other than the Request-URI is accepted by default (SIPp)", async () => {
     const { auth, store } = setup();
     await store.put(subscriber("alice", "secret"));
+    const nonce = await freshNonce(auth);
+    const creds = answer(nonce, "alice", "secret", { uri: "sip:127.0.0.1:5070" });
+    assert.equal((await auth.check(register(creds), REALM)).ok, true);
+  });
+
+  await t.step("requireUriMatch: other digest uri -> 400 (RFC 2617 §3.2.2.5)", async () => {
+    const store = new FakeSubscriberStore();
+    await store.put(subscriber("alice", "secret"));
+    const auth = new DigestAuthenticator({
+      subscribers: store,
+      secret: new Uint8Array(32),
+      requireUriMatch: true,
+    });
     const nonce = await freshNonce(auth);
     const creds = answer(nonce, "alice", "secret", { uri: "sip:elsewhere.net" });
     const result = await auth.check(register(creds), REALM);
     assert.ok(!result.ok && result.status === 400);
+    const same = answer(await freshNonce(auth), "alice", "secret", { uri: "SIP:EXAMPLE.COM" });
+    assert.equal((await auth.check(register(same), REALM)).ok, true);
+  });
+
+  await t.step("algorithms: challenge order and what is accepted (RFC 8760 §2.4)", async () => {
+    const store = new FakeSubscriberStore();
+    await store.put(subscriber("alice", "secret"));
+    const auth = new DigestAuthenticator({
+      subscribers: store,
+      secret: new Uint8Array(32),
+      algorithms: ["MD5"],
+    });
+    const list = challenges(await auth.check(register(), REALM));
+    assert.equal(list.length, 1);
+    assert.match(list[0]!, /algorithm=MD5/);
+    const nonce = nonceOf(list[0]!);
+    const sha = answer(nonce, "alice", "secret", { algorithm: "SHA-256" });
+    challenges(await auth.check(register(sha), REALM));
+    assert.equal((await auth.check(register(answer(nonce, "alice", "secret")), REALM)).ok, true);
+    assert.throws(
+      () =>
+        new DigestAuthenticator({ subscribers: store, secret: new Uint8Array(32), algorithms: [] }),
+      RangeError,
+    );
   });
 
   await t.step("RFC 2069 answer (no qop) is refused with a challenge", async () => {
@@ -558,6 +595,39 @@ Deno.test("DigestAuthenticator.check()", async (t) => {
     assert.equal(await ok(nonces[0]!, "00000001"), false, "evicted nonce replay refused");
     assert.ok(await ok(nonces[2]!, "00000002"));
   });
+
+  // Authorization headers captured from the real tools answering this authenticator's challenge
+  // (secret of 32 bytes of 7, alice/secret, MD5 challenge first). Their digest uri is the target
+  // address, not the Request-URI.
+  const captured: [string, number, string][] = [
+    [
+      "SIPp 3.6.1 [authentication]",
+      1795614359885,
+      'Digest username="alice",realm="example.com",cnonce="66334873",nc=00000001,qop=auth,' +
+      'uri="sip:127.0.0.1:5070",nonce="AAABohL0wU0FbgfXwbvQ1D9AXiRTqKmScBQCIOu7O01oGASg",' +
+      'response="1ff7c0477170c1e505d87b3b7748ae01",algorithm=MD5',
+    ],
+    [
+      "sipsak -U -u alice -a",
+      1795614391017,
+      'Digest username="alice", uri="sip:127.0.0.1:5070", algorithm=MD5, realm="example.com", ' +
+      'nonce="AAABohL1Oun94AWEnLGrdyf9lekJTo5-MvhrgmqiB4RXzAeL", qop=auth, nc=00000001, ' +
+      'cnonce="373ee809", response="dd444aee704d69d4ae8e2709f857fdc6"',
+    ],
+  ];
+  for (const [tool, issuedAt, authorization] of captured) {
+    await t.step(`accepts a real ${tool} answer`, async () => {
+      const store = new FakeSubscriberStore();
+      await store.put(subscriber("alice", "secret"));
+      const auth = new DigestAuthenticator({
+        subscribers: store,
+        secret: new Uint8Array(32).fill(7),
+        now: () => issuedAt + 50,
+      });
+      const result = await auth.check(register(authorization), REALM, "alice");
+      assert.deepEqual(result, { ok: true, username: "alice", realm: REALM });
+    });
+  }
 
   await t.step("constructor rejects a short secret", () => {
     assert.throws(
