@@ -1,0 +1,285 @@
+/**
+ * The shared LocationStore suite against the in-memory store, the PostgreSQL server and the embedded
+ * engine; the outage behaviour of the PostgreSQL store; migrations.
+ */
+import assert from "node:assert/strict";
+import { createServer, type Server, Socket } from "node:net";
+import { MemoryLocationStore } from "../storage/memory.ts";
+import { migrate } from "../storage/migrate.ts";
+import { connect, openStorage } from "../storage/open.ts";
+import { PostgresLocationStore } from "../storage/postgres.ts";
+import { type Embedded, startEmbedded } from "../storage/embedded.ts";
+import {
+  change,
+  contact,
+  locationStoreSuite,
+  probeServer,
+  serverTest,
+  tempSchema,
+  TEST_DATABASE_URL,
+} from "./location_store_suite.ts";
+
+const unavailable = await probeServer();
+
+Deno.test("MemoryLocationStore passes the LocationStore suite", async (t) => {
+  await locationStoreSuite(t, () => {
+    const store = new MemoryLocationStore();
+    return Promise.resolve({ store, close: () => store.close() });
+  });
+});
+
+serverTest(
+  "PostgresLocationStore (PostgreSQL server) passes the LocationStore suite",
+  unavailable,
+  async (t) => {
+    await locationStoreSuite(t, async () => {
+      const schema = await tempSchema(TEST_DATABASE_URL);
+      const storage = await openStorage(TEST_DATABASE_URL, { schema: schema.name });
+      const peers: { close(): Promise<void> }[] = [];
+      return {
+        store: storage.locations,
+        stats: () => storage.locations.stats(),
+        async peer() {
+          const other = await openStorage(TEST_DATABASE_URL, { schema: schema.name });
+          peers.push(other);
+          return other.locations;
+        },
+        async close() {
+          for (const p of peers) await p.close();
+          await storage.close();
+          await schema.drop();
+        },
+      };
+    });
+  },
+);
+
+Deno.test({
+  name: "PostgresLocationStore (embedded PGlite) passes the LocationStore suite",
+  sanitizeOps: false,
+  sanitizeResources: false,
+  async fn(t) {
+    const dataDir = await Deno.makeTempDir({ prefix: "citysip-pglite-" });
+    let embedded: Embedded | undefined;
+    try {
+      embedded = await startEmbedded({ dataDir });
+      // One connection only (see embedded.ts). PGlite ignores startup parameters such as
+      // search_path, so the steps share the public schema and start from an empty table.
+      const storage = await openStorage(embedded.url, { max: 1 });
+      try {
+        await locationStoreSuite(t, async () => {
+          await storage.sql`TRUNCATE locations`;
+          const store = new PostgresLocationStore(storage.sql);
+          return {
+            store,
+            stats: () => store.stats(),
+            peer: () => Promise.resolve(new PostgresLocationStore(storage.sql)),
+            close: () => store.close(),
+          };
+        });
+      } finally {
+        await storage.close();
+      }
+    } finally {
+      await embedded?.stop();
+      await Deno.remove(dataDir, { recursive: true });
+    }
+  },
+});
+
+/** A TCP proxy in front of PostgreSQL that a test can cut (reset every connection) or pause. */
+class Proxy {
+  readonly #server: Server;
+  readonly #pairs = new Set<[Socket, Socket]>();
+  #paused = false;
+  port = 0;
+
+  constructor(target: { host: string; port: number }) {
+    this.#server = createServer((client) => {
+      const upstream = new Socket();
+      upstream.connect(target.port, target.host);
+      const pair: [Socket, Socket] = [client, upstream];
+      this.#pairs.add(pair);
+      const forward = (from: Socket, to: Socket) =>
+        from.on("data", (d: Uint8Array) => {
+          if (!this.#paused) to.write(d);
+        });
+      forward(client, upstream);
+      forward(upstream, client);
+      const end = () => {
+        client.destroy();
+        upstream.destroy();
+        this.#pairs.delete(pair);
+      };
+      client.on("close", end).on("error", end);
+      upstream.on("close", end).on("error", end);
+    });
+  }
+
+  async listen(): Promise<void> {
+    await new Promise<void>((resolve) => this.#server.listen(0, "127.0.0.1", resolve));
+    this.port = (this.#server.address() as { port: number }).port;
+  }
+
+  /** Resets every connection; new ones are still accepted (the database "restarted"). */
+  cut(): void {
+    for (const [a, b] of this.#pairs) {
+      a.destroy();
+      b.destroy();
+    }
+    this.#pairs.clear();
+  }
+
+  /** Silently drops every byte both ways (a network that went quiet), or stops doing so. */
+  pause(paused: boolean): void {
+    this.#paused = paused;
+  }
+
+  async close(): Promise<void> {
+    this.cut();
+    await new Promise<void>((resolve) => this.#server.close(() => resolve()));
+  }
+}
+
+serverTest(
+  "PostgresLocationStore reports unavailable during an outage and recovers",
+  unavailable,
+  async (t) => {
+    const target = new URL(TEST_DATABASE_URL);
+    const proxy = new Proxy({ host: target.hostname, port: Number(target.port || 5432) });
+    await proxy.listen();
+    const url = new URL(TEST_DATABASE_URL);
+    url.port = String(proxy.port);
+    const schema = await tempSchema(TEST_DATABASE_URL);
+    const storage = await openStorage(url.href, {
+      schema: schema.name,
+      connectTimeoutSeconds: 1,
+      locations: { commitTimeoutMs: 500, retryAfter: 3 },
+    });
+    const store = storage.locations;
+    let cseq = 0;
+    const reg = () =>
+      store.register(
+        change("sip:outage@example.com", { cseq: ++cseq, contacts: [contact("sip:o@h")] }),
+      );
+    /** Registers until ok; resolves to how long it took. */
+    const recover = async (limitMs: number) => {
+      const start = performance.now();
+      while (!(await reg()).ok) {
+        assert.ok(performance.now() - start < limitMs, `not ok ${limitMs} ms after recovery`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      return performance.now() - start;
+    };
+    try {
+      assert.equal((await reg()).ok, true);
+
+      await t.step(
+        "connection reset during a commit: unavailable at once, then works again",
+        async () => {
+          const timeoutsBefore = store.stats().timeouts;
+          proxy.pause(true);
+          const started = performance.now();
+          const inflight = reg();
+          await new Promise((r) => setTimeout(r, 150)); // the batch is sent and waits for its answer
+          proxy.cut();
+          proxy.pause(false);
+          assert.deepEqual(await inflight, { ok: false, reason: "unavailable", retryAfter: 3 });
+          assert.ok(performance.now() - started < 450, "failed by the reset, not by the timeout");
+          assert.equal(store.stats().timeouts, timeoutsBefore);
+          const took = await recover(1000);
+          assert.ok(took < 1000, `recovered after ${took} ms`);
+        },
+      );
+
+      await t.step(
+        "network silent: register() resolves unavailable within the commit timeout",
+        async () => {
+          proxy.pause(true);
+          const started = performance.now();
+          const outcomes = await Promise.all([reg(), reg(), reg()]);
+          const elapsed = performance.now() - started;
+          assert.deepEqual(
+            outcomes.map((o) => o.ok ? "ok" : o.reason),
+            Array(3).fill("unavailable"),
+          );
+          assert.ok(elapsed < 1500, `took ${elapsed} ms`);
+          assert.ok(store.stats().timeouts >= 1);
+          // Still silent: new connections hang too, and are reported unavailable in time.
+          const again = await reg();
+          assert.equal(again.ok, false);
+          proxy.pause(false);
+          const took = await recover(1000);
+          assert.ok(took < 1000, `recovered after ${took} ms`);
+          // The binding the failed requests might have written is consistent: lookups work.
+          assert.equal((await store.lookup("sip:outage@example.com", Date.now())).length, 1);
+        },
+      );
+
+      await t.step(
+        "database refusing connections: unavailable at once, never a rejection",
+        async () => {
+          await proxy.close();
+          const started = performance.now();
+          const o = await reg();
+          assert.deepEqual(o, { ok: false, reason: "unavailable", retryAfter: 3 });
+          assert.ok(performance.now() - started < 1500);
+        },
+      );
+    } finally {
+      await storage.close();
+      await schema.drop();
+    }
+  },
+);
+
+serverTest(
+  "migrate() is idempotent and safe when processes start at once",
+  unavailable,
+  async (t) => {
+    const schema = await tempSchema(TEST_DATABASE_URL);
+    const conns = Array.from(
+      { length: 4 },
+      () => connect(TEST_DATABASE_URL, { schema: schema.name, max: 2 }),
+    );
+    try {
+      await t.step("concurrent first runs apply each version exactly once", async () => {
+        const results = await Promise.all(conns.map((c) => migrate(c.sql)));
+        const all = results.flat().sort();
+        assert.deepEqual(all, ["001", "002"]);
+        const rows = await conns[0]!.sql`SELECT version FROM schema_migrations ORDER BY version`;
+        assert.deepEqual(rows.map((r) => r.version), ["001", "002"]);
+      });
+      await t.step("a second run applies nothing", async () => {
+        assert.deepEqual(await migrate(conns[1]!.sql), []);
+      });
+      await t.step("tables land in the schema of search_path", async () => {
+        const rows = await conns[0]!.sql`
+        SELECT table_name FROM information_schema.tables WHERE table_schema = ${schema.name}
+        ORDER BY table_name`;
+        assert.deepEqual(rows.map((r) => r.table_name), [
+          "locations",
+          "schema_migrations",
+          "subscribers",
+        ]);
+      });
+      await t.step("a failing migration rolls back and is not recorded", async () => {
+        const bad = [{
+          version: "999",
+          name: "bad",
+          sql: "CREATE TABLE half (x int); SELECT 1/0;",
+        }];
+        await assert.rejects(migrate(conns[0]!.sql, bad));
+        const [row] = await conns[0]!.sql`SELECT to_regclass('half') AS t`;
+        assert.equal(row!.t, null);
+        assert.deepEqual(
+          (await conns[0]!.sql`SELECT version FROM schema_migrations WHERE version = '999'`).length,
+          0,
+        );
+      });
+    } finally {
+      await Promise.all(conns.map((c) => c.sql.end()));
+      await schema.drop();
+    }
+  },
+);
