@@ -229,8 +229,8 @@ const BAD = -2;
  */
 function contentLength(b: Uint8Array, p: number, he: number): number {
   let result = MISSING;
-  let ls = b.indexOf(10, p) + 1;
-  while (ls > 0 && ls < he + 2) {
+  let ls = nextLine(b, p, he);
+  while (ls < he + 2) {
     const c = b[ls]! | 0x20;
     let i = -1;
     if (c === 0x6c) i = ls + 1;
@@ -255,9 +255,17 @@ function contentLength(b: Uint8Array, p: number, he: number): number {
         result = v;
       }
     }
-    ls = b.indexOf(10, ls) + 1;
+    ls = nextLine(b, ls, he);
   }
   return result;
+}
+
+/** Index after the next LF at or after `i`, scanning no further than `limit`; else `limit + 2`. */
+function nextLine(b: Uint8Array, i: number, limit: number): number {
+  while (i < limit) {
+    if (b[i++] === 10) return i;
+  }
+  return limit + 2;
 }
 
 const CONTENT_LENGTH = "content-length";

@@ -77,6 +77,15 @@ for (let c = 0x41; c <= 0x5a; c++) TOKEN[c] = 1;
 for (let c = 0x61; c <= 0x7a; c++) TOKEN[c] = 1;
 for (const ch of "-.!%*_+`'~") TOKEN[ch.charCodeAt(0)] = 1;
 
+/** `s` lower-cased, without allocating when it already is. */
+function lower(s: string): string {
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i);
+    if (c >= 0x41 && c <= 0x5a) return s.toLowerCase();
+  }
+  return s;
+}
+
 function skipWs(s: string, i: number): number {
   while (i < s.length) {
     const c = s.charCodeAt(i);
@@ -218,7 +227,7 @@ function parseParams(
     i = skipWs(s, i + 1);
     const ne = tokenEnd(s, i);
     if (ne === i) return -1;
-    const name = s.slice(i, ne).toLowerCase();
+    const name = lower(s.slice(i, ne));
     i = skipWs(s, ne);
     if (i < s.length && s.charCodeAt(i) === 0x3d) {
       i = skipWs(s, i + 1);
@@ -295,13 +304,17 @@ function scanHostPort(
   return [host, port, i];
 }
 
+const BAD_VIA: ParseError = Object.freeze(fail("Malformed Via header", "Via"));
+const BAD_URI: ParseError = Object.freeze(fail("Malformed URI"));
+const KNOWN_TRANSPORTS: ReadonlySet<string> = new Set(["UDP", "TCP", "TLS", "SCTP", "WS", "WSS"]);
+
 /**
  * Parses one Via value (RFC 3261 §20.42; split a multi-value line with {@linkcode headerAll}
  * first). Allows LWS around `/` and parameters (RFC 4475 §3.1.1.1); IPv6 references keep their
  * brackets (RFC 5118); `rport` may have no value (RFC 3581).
  */
 export function parseVia(value: string): ParseResult<Via> {
-  const bad = fail("Malformed Via header", "Via");
+  const bad = BAD_VIA;
   const s = value;
   let i = skipWs(s, 0);
   let e = tokenEnd(s, i);
@@ -316,8 +329,9 @@ export function parseVia(value: string): ParseResult<Via> {
   i = skipWs(s, i + 1);
   e = tokenEnd(s, i);
   if (e === i) return bad;
-  const transport = s.slice(i, e).toUpperCase();
-  if (proto.toUpperCase() !== "SIP" || version !== "2.0") return bad;
+  const rawTransport = s.slice(i, e);
+  const transport = KNOWN_TRANSPORTS.has(rawTransport) ? rawTransport : rawTransport.toUpperCase();
+  if ((proto !== "SIP" && proto.toUpperCase() !== "SIP") || version !== "2.0") return bad;
   i = skipWs(s, e);
   if (i === e) return bad;
   const hp = scanHostPort(s, i, true);
@@ -449,7 +463,7 @@ function parseUriParams(s: string, i: number, params: Map<string, string | null>
     }
     const p = s.slice(i + 1, j);
     const eq = p.indexOf("=");
-    const name = (eq < 0 ? p : p.slice(0, eq)).toLowerCase();
+    const name = lower(eq < 0 ? p : p.slice(0, eq));
     if (name.length === 0) return -1;
     params.set(name, eq < 0 ? null : p.slice(eq + 1));
     i = j;
@@ -464,7 +478,7 @@ function parseUriParams(s: string, i: number, params: Map<string, string | null>
  */
 export function parseUri(text: string): ParseResult<SipUri> {
   const s = text;
-  const bad = fail("Malformed URI");
+  const bad = BAD_URI;
   const colon = s.indexOf(":");
   if (colon <= 0) return bad;
   const rawScheme = s.slice(0, colon);

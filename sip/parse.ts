@@ -10,6 +10,8 @@ import { parseCSeq } from "./headers.ts";
 import type { HeaderField, ParseError, ParseResult, SipMessage } from "./message.ts";
 
 const utf8 = new TextDecoder();
+/** Messages up to this size are decoded whole (body included) to search the text. */
+const FAST_DECODE_MAX = 4096;
 
 /** Compact header forms (RFC 3261 §7.3.3, §20; RFC 3265, 3515, 3892, 4028, 4474, 3841). */
 export const COMPACT_FORMS: Readonly<Record<string, string>> = Object.freeze({
@@ -71,12 +73,25 @@ function fail(reason: string, status: 400 | 505 = 400, header?: string): ParseEr
     : { ok: false, reason, header, status };
 }
 
-/** Index of the CR that starts the first CRLFCRLF at or after `from`, or -1. */
+/** Index of the CR that starts the first CRLFCRLF at or after `from`, or -1. Steps two bytes at a
+ * time: any CRLFCRLF has its second or third byte on an even step. */
 export function findHeaderEnd(bytes: Uint8Array, from: number): number {
-  let i = bytes.indexOf(10, from + 1);
-  while (i >= 0) {
-    if (bytes[i - 1] === 13 && bytes[i + 1] === 13 && bytes[i + 2] === 10) return i - 1;
-    i = bytes.indexOf(10, i + 1);
+  const n = bytes.length;
+  for (let i = from + 1; i < n; i += 2) {
+    const c = bytes[i];
+    if (c === 10) {
+      // i is the first or second LF
+      if (bytes[i - 1] === 13) {
+        if (bytes[i + 1] === 13 && bytes[i + 2] === 10) return i - 1;
+        if (i - 3 >= from && bytes[i - 2] === 10 && bytes[i - 3] === 13) return i - 3;
+      }
+    } else if (c === 13) {
+      // i is the first or second CR
+      if (bytes[i + 1] === 10) {
+        if (bytes[i + 2] === 13 && bytes[i + 3] === 10) return i;
+        if (i - 2 >= from && bytes[i - 1] === 10 && bytes[i - 2] === 13) return i - 2;
+      }
+    }
   }
   return -1;
 }
@@ -148,7 +163,19 @@ export function parseMessage(bytes: Uint8Array): ParseResult<SipMessage> {
   let start = 0;
   while (start < n && (bytes[start] === 13 || bytes[start] === 10)) start++;
   if (start >= n) return fail("Empty message");
-  let hdrEnd = findHeaderEnd(bytes, start);
+  // Small messages: decode everything once and search the text. When every byte became one char
+  // (no multi-byte UTF-8), text indices are byte indices.
+  let text = "";
+  let hdrEnd = -1;
+  let fast = false;
+  if (n <= FAST_DECODE_MAX) {
+    text = utf8.decode(bytes);
+    if (text.length === n) {
+      fast = true;
+      hdrEnd = text.indexOf("\r\n\r\n", start);
+    }
+  }
+  if (!fast) hdrEnd = findHeaderEnd(bytes, start);
   let bodyStart: number;
   if (hdrEnd < 0) {
     // No empty line: tolerate a datagram that ends right after its last header.
@@ -158,12 +185,18 @@ export function parseMessage(bytes: Uint8Array): ParseResult<SipMessage> {
   } else {
     bodyStart = hdrEnd + 4;
   }
-  const text = utf8.decode(bytes.subarray(start, hdrEnd));
-  const len = text.length;
+  // pos .. len: the header section of `text` (start line included, final CRLFCRLF excluded).
+  let pos = start;
+  let len = hdrEnd;
+  if (!fast) {
+    text = utf8.decode(bytes.subarray(start, hdrEnd));
+    pos = 0;
+    len = text.length;
+  }
 
-  let lineEnd = text.indexOf("\r\n");
-  if (lineEnd < 0) lineEnd = len;
-  const firstLine = text.slice(0, lineEnd);
+  let lineEnd = text.indexOf("\r\n", pos);
+  if (lineEnd < 0 || lineEnd > len) lineEnd = len;
+  const firstLine = text.slice(pos, lineEnd);
 
   // Start line.
   let isRequest: boolean;
@@ -172,7 +205,11 @@ export function parseMessage(bytes: Uint8Array): ParseResult<SipMessage> {
   let version: string;
   let status = 0;
   let reason = "";
-  if (firstLine.length > 4 && (firstLine.charCodeAt(3) === 0x2f) && /^sip\//i.test(firstLine)) {
+  if (
+    firstLine.length > 4 && firstLine.charCodeAt(3) === 0x2f &&
+    (firstLine.charCodeAt(0) | 0x20) === 0x73 &&
+    (firstLine.charCodeAt(1) | 0x20) === 0x69 && (firstLine.charCodeAt(2) | 0x20) === 0x70
+  ) {
     isRequest = false;
     const sp = firstLine.indexOf(" ");
     if (sp < 0) return fail("Malformed status line");
@@ -207,10 +244,10 @@ export function parseMessage(bytes: Uint8Array): ParseResult<SipMessage> {
   let lengthValue: string | undefined;
   let curName: string | undefined;
   let curValue = "";
-  let pos = lineEnd + 2;
+  pos = lineEnd + 2;
   while (pos < len) {
     let e = text.indexOf("\r\n", pos);
-    if (e < 0) e = len;
+    if (e < 0 || e > len) e = len;
     const c0 = text.charCodeAt(pos);
     if (c0 === 0x20 || c0 === 0x09) {
       if (curName === undefined) return fail("Malformed header folding");

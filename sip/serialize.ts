@@ -7,9 +7,7 @@
 
 import { splitList, tagOf } from "./headers.ts";
 import type { SipRequest } from "./message.ts";
-import { findHeaderEnd } from "./parse.ts";
-
-const encoder = new TextEncoder();
+import { commit, encodeMessage, putString, reserve } from "./_out.ts";
 
 /** Lower-case header names -> canonical spelling used when writing. */
 const CANONICAL: ReadonlyMap<string, string> = new Map(
@@ -72,15 +70,6 @@ export interface ResponseOptions {
   readonly topVia?: string;
 }
 
-function withBody(head: string, body: Uint8Array | undefined): Uint8Array {
-  if (body === undefined || body.length === 0) return encoder.encode(head);
-  const h = encoder.encode(head);
-  const out = new Uint8Array(h.length + body.length);
-  out.set(h, 0);
-  out.set(body, h.length);
-  return out;
-}
-
 /**
  * Builds a response to `req` (RFC 3261 §8.2.6.2): the status line, every Via in order (`topVia`
  * replacing the first value), From, To (with `;tag=toTag` added when the request's To has no tag),
@@ -136,7 +125,7 @@ export function buildResponse(
   }
   const body = opts?.body;
   head += "Content-Length: " + (body?.length ?? 0) + "\r\n\r\n";
-  return withBody(head, body);
+  return encodeMessage(head, body);
 }
 
 /**
@@ -158,7 +147,7 @@ export function serializeRequest(
   }
   if (!hasLength) head += "Content-Length: " + (body?.length ?? 0) + "\r\n";
   head += "\r\n";
-  return withBody(head, body);
+  return encodeMessage(head, body);
 }
 
 /** Which copied header a line starts with: 1 Via, 2 From, 3 To, 4 Call-ID, 5 CSeq, 0 another. */
@@ -236,7 +225,8 @@ function hasTag(b: Uint8Array, s: number, e: number): boolean {
  * Builds a response straight from raw request bytes, without a full parse: a line scan that copies
  * the Via (all lines), From, To, Call-ID and CSeq lines verbatim (compact names kept, folded
  * continuation lines kept), then `extra` headers and `Content-Length: 0`. With `toTag`, `;tag=...`
- * is appended to a To line that has no tag. Meant for cheap 503 answers under overload.
+ * is appended to a To line that has no tag (RFC 3261 §8.2.6.2 asks for one on a final response).
+ * Meant for cheap 503 answers under overload.
  *
  * Returns null when the input is not a request or any of those headers is missing.
  */
@@ -256,29 +246,33 @@ export function quickResponse(
   ) {
     return null;
   }
-  const hdrEnd = findHeaderEnd(bytes, p);
-  const end = hdrEnd < 0 ? n : hdrEnd + 2;
-  // Ranges to copy: [start, end) pairs including the CRLF; the To line split when tagging.
+  // Ranges to copy, as [start, end) pairs, each ending just before its CRLF.
   const ranges: number[] = [];
   let seen = 0;
-  let toEnd = -1;
+  let toRange = -1;
   let copying = false;
-  let ls = bytes.indexOf(10, p) + 1;
-  if (ls <= 0) return null;
-  while (ls < end) {
-    let le = bytes.indexOf(10, ls);
-    if (le < 0 || le > end) le = end;
-    const next = le + 1;
+  let size = 0;
+  let ls = nextLine(bytes, p);
+  while (ls < n) {
     const c0 = bytes[ls];
+    if (c0 === 13 || c0 === 10) break; // the empty line ending the headers
+    const next = nextLine(bytes, ls);
+    let le = next;
+    if (bytes[le - 1] === 10) le--;
+    if (bytes[le - 1] === 13) le--;
     if (c0 === 0x20 || c0 === 0x09) {
-      if (copying) ranges[ranges.length - 1] = Math.min(next, n);
+      if (copying) {
+        size += le - ranges[ranges.length - 1]!;
+        ranges[ranges.length - 1] = le;
+      }
     } else {
       const kind = lineKind(bytes, ls, le);
       copying = kind !== 0;
       if (copying) {
         seen |= 1 << kind;
-        ranges.push(ls, Math.min(next, n));
-        if (kind === 3 && toEnd < 0) toEnd = ranges.length - 1;
+        if (kind === 3 && toRange < 0) toRange = ranges.length;
+        ranges.push(ls, le);
+        size += le - ls;
       }
     }
     ls = next;
@@ -289,43 +283,30 @@ export function quickResponse(
     for (const [name, value] of extra) tail += canonicalHeaderName(name) + ": " + value + "\r\n";
   }
   tail += "Content-Length: 0\r\n\r\n";
-  const statusLine = encoder.encode("SIP/2.0 " + status + " " + reason + "\r\n");
-  const tailBytes = encoder.encode(tail);
-  let tagBytes: Uint8Array | null = null;
-  if (toTag !== undefined) {
-    const ts = ranges[toEnd - 1]!;
-    const te = ranges[toEnd]!;
-    let ce = te;
-    while (ce > ts && (bytes[ce - 1] === 10 || bytes[ce - 1] === 13)) ce--;
-    if (!hasTag(bytes, ts, ce)) {
-      tagBytes = encoder.encode(";tag=" + toTag);
-      ranges[toEnd] = ce;
-    }
-  }
-  let total = statusLine.length + tailBytes.length;
-  for (let i = 0; i < ranges.length; i += 2) total += ranges[i + 1]! - ranges[i]!;
-  const endsWithCrlf: boolean[] = [];
+  const statusLine = "SIP/2.0 " + status + " " + reason + "\r\n";
+  const tag = toTag !== undefined && !hasTag(bytes, ranges[toRange]!, ranges[toRange + 1]!)
+    ? ";tag=" + toTag
+    : "";
+  const max = size + ranges.length + 3 * (statusLine.length + tail.length + tag.length);
+  const [out, at] = reserve(max);
+  let o = at + putString(out, at, statusLine);
   for (let i = 0; i < ranges.length; i += 2) {
-    const ok = bytes[ranges[i + 1]! - 1] === 10;
-    endsWithCrlf.push(ok);
-    if (!ok) total += 2;
+    const s = ranges[i]!;
+    const e = ranges[i + 1]!;
+    for (let k = s; k < e; k++) out[o++] = bytes[k]!;
+    if (i === toRange && tag !== "") o += putString(out, o, tag);
+    out[o++] = 13;
+    out[o++] = 10;
   }
-  if (tagBytes !== null) total += tagBytes.length;
-  const out = new Uint8Array(total);
-  out.set(statusLine, 0);
-  let o = statusLine.length;
-  for (let i = 0; i < ranges.length; i += 2) {
-    out.set(bytes.subarray(ranges[i]!, ranges[i + 1]!), o);
-    o += ranges[i + 1]! - ranges[i]!;
-    if (i + 1 === toEnd && tagBytes !== null) {
-      out.set(tagBytes, o);
-      o += tagBytes.length;
-    }
-    if (!endsWithCrlf[i >> 1]) {
-      out[o++] = 13;
-      out[o++] = 10;
-    }
+  o += putString(out, o, tail);
+  return commit(out, at, o - at);
+}
+
+/** Index of the first byte after the next LF at or after `i` (or the length). */
+function nextLine(b: Uint8Array, i: number): number {
+  const n = b.length;
+  while (i < n) {
+    if (b[i++] === 10) return i;
   }
-  out.set(tailBytes, o);
-  return out;
+  return n;
 }

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { parseMessage } from "../sip/parse.ts";
+import { findHeaderEnd, parseMessage } from "../sip/parse.ts";
 import { scanFirstLine } from "../sip/first_line.ts";
 import {
   header,
@@ -374,4 +374,21 @@ Deno.test("scanFirstLine() reads only the first line (RFC 3261 §7.1, §7.2)", a
       assert.deepEqual(scanFirstLine(enc.encode(s)), { kind: "invalid" }, s);
     }
   });
+});
+
+Deno.test("findHeaderEnd() finds the first CRLFCRLF at or after `from` (RFC 3261 §7)", () => {
+  const naive = (b: Uint8Array, from: number) => {
+    for (let i = from; i + 3 < b.length; i++) {
+      if (b[i] === 13 && b[i + 1] === 10 && b[i + 2] === 13 && b[i + 3] === 10) return i;
+    }
+    return -1;
+  };
+  let seed = 7;
+  const rnd = () => (seed = (seed * 1103515245 + 12345) & 0x7fffffff);
+  const alphabet = [13, 10, 65];
+  for (let t = 0; t < 50000; t++) {
+    const b = Uint8Array.from({ length: rnd() % 12 }, () => alphabet[rnd() % 3]!);
+    const from = b.length > 0 ? rnd() % b.length : 0;
+    assert.equal(findHeaderEnd(b, from), naive(b, from), `${[...b]} from ${from}`);
+  }
 });
