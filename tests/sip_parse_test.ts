@@ -7,6 +7,7 @@ import {
   parseContacts,
   parseCSeq,
   parseNameAddr,
+  parseUri,
   parseVia,
   tagOf,
 } from "../sip/headers.ts";
@@ -391,4 +392,70 @@ Deno.test("findHeaderEnd() finds the first CRLFCRLF at or after `from` (RFC 3261
     const from = b.length > 0 ? rnd() % b.length : 0;
     assert.equal(findHeaderEnd(b, from), naive(b, from), `${[...b]} from ${from}`);
   }
+});
+
+Deno.test("parseMessage() and decoders on RFC 4475 cases a registrar meets", async (t) => {
+  const hs = BASE.slice(0, 4);
+  await t.step("§3.1.1.6 lwsdisp: no LWS between display name and <", () => {
+    const m = req(
+      msg(
+        "OPTIONS sip:user@example.com SIP/2.0",
+        "To: sip:user@example.com",
+        "From: caller<sip:caller@example.com>;tag=323",
+        "Call-ID: lwsdisp.1234abcd@funky.example.com",
+        "CSeq: 60 OPTIONS",
+        "Via: SIP/2.0/UDP funky.example.com;branch=z9hG4bKkdjuw",
+        "l: 0",
+        "",
+        "",
+      ),
+    );
+    const from = parseNameAddr(header(m, "from")!, "From");
+    assert.ok(from.ok);
+    assert.equal(from.value.displayName, "caller");
+    assert.equal(from.value.uri, "sip:caller@example.com");
+    assert.equal(from.value.params.get("tag"), "323");
+  });
+  await t.step("§3.1.1.10 transports: unknown Via transports parse", () => {
+    for (
+      const v of [
+        "SIP/2.0/SCTP t3.example.com;branch=z9hG4bKsctp",
+        "SIP/2.0/TLS t4.example.com:5061;branch=z9hG4bKtls",
+        "SIP/2.0/UNKNOWN t5.example.com;branch=z9hG4bKunkn",
+      ]
+    ) {
+      const r = parseVia(v);
+      assert.ok(r.ok, v);
+    }
+  });
+  await t.step("§3.1.2.8 lwsstart: several SP in the request line give 400", () => {
+    assert.equal(
+      parseMessage(msg("REGISTER  sip:example.com  SIP/2.0", ...BASE, "", "")).ok,
+      false,
+    );
+  });
+  await t.step("§3.1.2.9 trws: SP at the end of the request line gives 400", () => {
+    assert.equal(parseMessage(msg("REGISTER sip:example.com SIP/2.0 ", ...BASE, "", "")).ok, false);
+  });
+  await t.step("§3.1.2.4 scalar02: an overlarge CSeq gives 400", () => {
+    const r = parseMessage(
+      msg("REGISTER sip:example.com SIP/2.0", ...hs, "CSeq: 36893488147419103232 REGISTER", "", ""),
+    );
+    assert.equal(r.ok ? "" : r.header, "CSeq");
+  });
+  await t.step("§3.1.2.6 quotbal: an unterminated quoted display name is malformed", () => {
+    assert.equal(parseNameAddr('"Mr. J. User <sip:j.user@example.com>', "To").ok, false);
+  });
+  await t.step("§3.1.2.10 ltgtruri: <> around the Request-URI is not a URI", () => {
+    const m = req(msg("REGISTER <sip:example.com> SIP/2.0", ...BASE, "", ""));
+    assert.equal(parseUri(m.uri).ok, false);
+  });
+  await t.step(
+    "§3.1.2.3 ncl / §3.1.2.2 clerr: negative or excessive Content-Length gives 400",
+    () => {
+      const head = ["MESSAGE sip:example.com SIP/2.0", ...hs, "CSeq: 1 MESSAGE"];
+      assert.equal(parseMessage(msg(...head, "Content-Length: -999", "", "")).ok, false);
+      assert.equal(parseMessage(msg(...head, "Content-Length: 9999", "", "short")).ok, false);
+    },
+  );
 });
