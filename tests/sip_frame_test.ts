@@ -26,7 +26,7 @@ function concat(...parts: Uint8Array[]): Uint8Array {
 }
 
 /** Items as comparable text: message bytes decoded as latin1-ish. */
-function show(items: FrameItem[]): string[] {
+function show(items: readonly FrameItem[]): string[] {
   return items.map((i) =>
     i.type === "message"
       ? "message:" + dec.decode(i.bytes)
