@@ -17,7 +17,10 @@ export interface ConnectOptions {
    * @default {10}
    */
   readonly max?: number;
-  /** A schema to put first in `search_path` (tests use one each). */
+  /**
+   * A schema to put first in `search_path` (tests use one each). Sent as a startup parameter, which
+   * the embedded engine ignores.
+   */
   readonly schema?: string;
   /**
    * Seconds to wait for a connection before failing the queries waiting for it.

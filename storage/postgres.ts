@@ -237,13 +237,24 @@ export class PostgresLocationStore implements LocationStore {
     return rows.map(toBinding);
   }
 
-  /** Deletes the bindings expired at `now`. */
+  /**
+   * Deletes the bindings expired at `now`, in chunks of 5,000 rows. Rows a register batch holds
+   * locked are skipped (a later sweep takes them), so a sweep never waits for a batch nor deadlocks
+   * with one.
+   */
   async sweep(now: number): Promise<number> {
-    const result = await withTimeout(
-      this.#sql`DELETE FROM locations WHERE expires_at <= to_timestamp(${now}::float8 / 1000)`,
-      this.#timeoutMs,
-    );
-    return result.count;
+    const chunk = 5000;
+    let removed = 0;
+    for (;;) {
+      const result = await withTimeout(
+        this.#sql`DELETE FROM locations WHERE (aor, key) IN (
+          SELECT aor, key FROM locations WHERE expires_at <= to_timestamp(${now}::float8 / 1000)
+          LIMIT ${chunk} FOR UPDATE SKIP LOCKED)`,
+        this.#timeoutMs,
+      );
+      removed += result.count;
+      if (result.count < chunk) return removed;
+    }
   }
 
   /** How many unexpired bindings all processes hold at `now`. */

@@ -342,6 +342,23 @@ export async function locationStoreSuite(
     },
   );
 
+  await step("sweep() removes more expired bindings than one delete chunk", async ({ store }) => {
+    const n = 12_000;
+    const outcomes = await Promise.all(
+      Array.from(
+        { length: n },
+        (_, i) =>
+          store.register(
+            change(`sip:sweep${i}@example.com`, { contacts: [contact("sip:s@h", 5)] }),
+          ),
+      ),
+    );
+    assert.ok(outcomes.every((o) => o.ok));
+    assert.equal(await store.sweep(T0 + 4_000), 0);
+    assert.equal(await store.sweep(T0 + 5_000), n);
+    assert.equal(await store.count(T0), 0);
+  });
+
   await step(
     "RFC 5626 §6: a binding keyed by instance-id and reg-id is replaced by a new contact",
     async ({ store }) => {
