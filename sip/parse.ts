@@ -67,6 +67,10 @@ function canonicalName(raw: string): string | undefined {
   return name;
 }
 
+function isWs(c: number): boolean {
+  return c === 0x20 || c === 0x09;
+}
+
 function fail(reason: string, status: 400 | 505 = 400, header?: string): ParseError {
   return header === undefined
     ? { ok: false, reason, status }
@@ -269,7 +273,11 @@ export function parseMessage(bytes: Uint8Array): ParseResult<SipMessage> {
       const name = canonicalName(text.slice(pos, nameEnd));
       if (name === undefined) return fail("Malformed header name");
       curName = name;
-      curValue = text.slice(colon + 1, e).trim();
+      let vs = colon + 1;
+      let ve = e;
+      while (vs < ve && isWs(text.charCodeAt(vs))) vs++;
+      while (ve > vs && isWs(text.charCodeAt(ve - 1))) ve--;
+      curValue = text.slice(vs, ve);
       switch (name) {
         case "to":
           seen |= 1;

@@ -266,7 +266,11 @@ export function quickResponse(
         ranges[ranges.length - 1] = le;
       }
     } else {
-      const kind = lineKind(bytes, ls, le);
+      // Only names starting with v, f, t, i or c can be copied: skip the rest cheaply.
+      const f = c0! | 0x20;
+      const kind = f === 0x76 || f === 0x66 || f === 0x74 || f === 0x69 || f === 0x63
+        ? lineKind(bytes, ls, le)
+        : 0;
       copying = kind !== 0;
       if (copying) {
         seen |= 1 << kind;
@@ -293,7 +297,12 @@ export function quickResponse(
   for (let i = 0; i < ranges.length; i += 2) {
     const s = ranges[i]!;
     const e = ranges[i + 1]!;
-    for (let k = s; k < e; k++) out[o++] = bytes[k]!;
+    if (e - s > 32) {
+      out.set(bytes.subarray(s, e), o);
+      o += e - s;
+    } else {
+      for (let k = s; k < e; k++) out[o++] = bytes[k]!;
+    }
     if (i === toRange && tag !== "") o += putString(out, o, tag);
     out[o++] = 13;
     out[o++] = 10;

@@ -216,3 +216,51 @@ Deno.test("StreamFramer pendingSince and idle memory (RFC 3261 §18.3 timeouts)"
   assert.equal(f.pendingSince, 0);
   assert.equal(f.bufferedBytes, 0);
 });
+
+Deno.test("StreamFramer random chunking of a long stream (RFC 3261 §18.3, RFC 5626 §4.4.1)", () => {
+  let x = 0x9e3779b9;
+  const rnd = () => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return x >>> 0;
+  };
+  const pieces = FIXTURES.map((n) => trimmed(fixture(n)));
+  let lone = 0;
+  for (let round = 0; round < 300; round++) {
+    const parts: Uint8Array[] = [];
+    const expected: string[] = [];
+    // CRLFs between messages pair up: every second one completes a CRLFCRLF ping.
+    let crlfs = 0;
+    for (let k = 0; k < 8; k++) {
+      const r = rnd() % 6;
+      if (r === 0 || r === 1) {
+        const ping = r === 0;
+        parts.push(enc.encode(ping ? "\r\n\r\n" : "\r\n"));
+        if (!ping) lone++;
+        for (let c = ping ? 2 : 1; c > 0; c--) {
+          if (++crlfs === 2) {
+            expected.push("ping");
+            crlfs = 0;
+          }
+        }
+      } else {
+        const p = pieces[rnd() % pieces.length]!;
+        parts.push(p);
+        expected.push("message:" + dec.decode(p));
+        crlfs = 0;
+      }
+    }
+    const all = concat(...parts);
+    const chunks: Uint8Array[] = [];
+    for (let i = 0; i < all.length;) {
+      const size = 1 + rnd() % 700;
+      chunks.push(all.slice(i, i + size));
+      i += size;
+    }
+    const f = new StreamFramer();
+    assert.deepEqual(show(feed(f, chunks)), expected, `round ${round}`);
+    assert.equal(f.pendingSince, 0);
+  }
+  assert.ok(lone > 100, "lone CRLFs were exercised");
+});
