@@ -264,3 +264,28 @@ Deno.test("StreamFramer random chunking of a long stream (RFC 3261 §18.3, RFC 5
   }
   assert.ok(lone > 100, "lone CRLFs were exercised");
 });
+
+Deno.test("StreamFramer never throws on junk (RFC 3261 §18.3)", () => {
+  let x = 0x7f4a7c15;
+  const rnd = () => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return x >>> 0;
+  };
+  const base = fixture("invite_body.txt");
+  for (let n = 0; n < 2000; n++) {
+    const f = new StreamFramer({ maxMessageSize: 300 + rnd() % 600 });
+    const b = base.slice();
+    for (let k = rnd() % 8; k > 0; k--) {
+      b[rnd() % b.length] = [10, 13, 32, 58, 0x6c, 0x30][rnd() % 6]!;
+    }
+    for (let i = 0; i < b.length;) {
+      const size = 1 + rnd() % 200;
+      for (const item of f.push(b.subarray(i, i + size))) {
+        if (item.type === "message") assert.ok(item.bytes.length <= 900);
+      }
+      i += size;
+    }
+  }
+});

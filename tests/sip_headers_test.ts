@@ -366,3 +366,39 @@ Deno.test("parseExpires() (RFC 3261 §20.19, §10.2.1.1)", () => {
   assert.equal(parseExpires("1.5"), null);
   assert.equal(parseExpires("Sat, 13 Nov 2010 23:29:00 GMT"), null);
 });
+
+Deno.test("header decoders never throw on damaged values (RFC 4475 §3.1.2)", () => {
+  let x = 0x2545f491;
+  const rnd = () => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return x >>> 0;
+  };
+  const seeds = [
+    "SIP/2.0/UDP [2001:db8::9]:5061;branch=z9hG4bK1;received=1.2.3.4;rport",
+    '"Bob \\"x\\"" <sips:bob:pw@[::1]:5061;transport=tls?subject=a%20b>;tag=1;+sip.instance="<urn:x>"',
+    "sip:user;par=u%40example.net@example.com;lr?h=v&g=w",
+    "4711 INVITE",
+  ];
+  const alphabet = ' <>";:@[]?&=,\\%/0aZ\t\r\n\u00e9';
+  for (let n = 0; n < 5000; n++) {
+    const base = seeds[rnd() % seeds.length]!;
+    let s = base.slice(0, rnd() % (base.length + 1));
+    for (let k = rnd() % 4; k > 0; k--) {
+      const at = rnd() % (s.length + 1);
+      s = s.slice(0, at) + alphabet[rnd() % alphabet.length] + s.slice(at + (rnd() % 2));
+    }
+    parseVia(s);
+    parseNameAddr(s);
+    const u = parseUri(s);
+    if (u.ok) {
+      uriKey(u.value);
+      aorOf(u.value);
+    }
+    parseCSeq(s);
+    tagOf(s);
+    parseExpires(s);
+    splitList(s);
+  }
+});

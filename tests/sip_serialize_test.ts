@@ -196,3 +196,22 @@ Deno.test("quickResponse() without a full parse (RFC 3261 §8.2.6.2, §21.5.4 50
     assert.doesNotMatch(text, /nope/);
   });
 });
+
+Deno.test("quickResponse() never throws on damaged input (RFC 4475 §3.1.2)", () => {
+  let x = 0x51ed270b;
+  const rnd = () => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return x >>> 0;
+  };
+  const base = enc.encode(TWO_VIAS);
+  for (let n = 0; n < 5000; n++) {
+    const b = base.slice(0, rnd() % (base.length + 1));
+    for (let k = rnd() % 6; k > 0; k--) {
+      b[rnd() % Math.max(1, b.length)] = [10, 13, 32, 58, 0x76, 0xff][rnd() % 6]!;
+    }
+    const out = quickResponse(b, 503, "Service Unavailable", [["Retry-After", "3"]], "t");
+    if (out !== null) assert.ok(dec.decode(out).startsWith("SIP/2.0 503 Service Unavailable\r\n"));
+  }
+});
