@@ -83,7 +83,7 @@ Options:
   --admission-delay MS     queue delay above which new requests get 503 (default 100)
   --store memory|postgres  where bindings live (default postgres: --db, DATABASE_URL or embedded)
   --db URL                 PostgreSQL server URL (default: $DATABASE_URL, else the embedded engine)
-  --data-dir DIR           the embedded engine's data directory (default $XDG_STATE_HOME/citysip)
+  --data-dir DIR           the embedded engine's data directory (default $XDG_STATE_HOME/citysip/pglite)
   --commit-window MS       group commit: longest wait for a batch (default 2)
   --commit-batch N         group commit: most changes per batch (default 1000)
   --auth                   require digest authentication for REGISTER
@@ -91,9 +91,17 @@ Options:
   --log-level L            error, warn, info or debug (default info)
   -h, --help               this text`;
 
-function integer(flag: string, raw: string | undefined, def: number, min: number, max: number): number {
+function integer(
+  flag: string,
+  raw: string | undefined,
+  def: number,
+  min: number,
+  max: number,
+): number {
   if (raw === undefined) return def;
-  if (!/^\d+$/.test(raw)) throw new ConfigError(`invalid --${flag} "${raw}": expected a whole number`);
+  if (!/^\d+$/.test(raw)) {
+    throw new ConfigError(`invalid --${flag} "${raw}": expected a whole number`);
+  }
   const n = Number(raw);
   if (n < min || n > max) {
     throw new ConfigError(`invalid --${flag} "${raw}": expected ${min} to ${max}`);
@@ -127,11 +135,14 @@ function parseListen(raw: string): ListenSpec {
 function defaultDataDir(): string {
   const state = Deno.env.get("XDG_STATE_HOME") ??
     `${Deno.env.get("HOME") ?? "."}/.local/state`;
-  return `${state}/citysip`;
+  return `${state}/citysip/pglite`;
 }
 
 /** Parses and validates the arguments of `citysip serve`. Returns "help" when help was asked for. */
-export function parseServeArgs(args: string[], env: Record<string, string> = {}): ServeConfig | "help" {
+export function parseServeArgs(
+  args: string[],
+  env: Record<string, string> = {},
+): ServeConfig | "help" {
   let values;
   try {
     ({ values } = parseArgs({
@@ -177,7 +188,13 @@ export function parseServeArgs(args: string[], env: Record<string, string> = {})
   });
   const minExpires = integer("min-expires", values["min-expires"], 60, 1, 2 ** 31 - 1);
   const maxExpires = integer("max-expires", values["max-expires"], 7200, 1, 2 ** 31 - 1);
-  const defaultExpires = integer("default-expires", values["default-expires"], 3600, 1, 2 ** 31 - 1);
+  const defaultExpires = integer(
+    "default-expires",
+    values["default-expires"],
+    3600,
+    1,
+    2 ** 31 - 1,
+  );
   if (minExpires > maxExpires) {
     throw new ConfigError(`invalid --min-expires ${minExpires}: above --max-expires ${maxExpires}`);
   }

@@ -30,7 +30,7 @@ function format(v: unknown): string {
 function write(level: number, msg: string, fields?: Record<string, unknown>): void {
   if (level > threshold) return;
   let line = `ts=${new Date().toISOString()} level=${LEVELS[level]}${fixed} msg=${format(msg)}`;
-  if (fields) for (const [k, v] of Object.entries(fields)) line += ` ${k}=${format(v)}`;
+  if (fields) { for (const [k, v] of Object.entries(fields)) line += ` ${k}=${format(v)}`; }
   console.error(line);
 }
 

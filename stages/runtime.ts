@@ -115,6 +115,9 @@ export interface StageOptions<T> {
 
 const now = (): number => performance.now();
 
+/** How fast the remembered queue wait fades without new samples. */
+const WAIT_HALF_LIFE_MS = 100;
+
 /** One stage: a bounded queue, a worker set and its counters. */
 export class Stage<T> {
   readonly name: string;
@@ -138,12 +141,15 @@ export class Stage<T> {
   #inFlight = 0;
   #scheduled = false;
   #draining = false;
-  /** Exponentially weighted mean of recent queue waits, in milliseconds. */
+  /** Exponentially weighted mean of recent queue waits (ms), as of `#waitAt`; it decays with time. */
   #waitEwmaMs = 0;
+  #waitAt = 0;
 
   constructor(options: StageOptions<T>) {
     if (options.capacity < 1 || options.concurrency < 1) {
-      throw new RangeError(`Cannot create stage ${options.name}: capacity and concurrency must be >= 1`);
+      throw new RangeError(
+        `Cannot create stage ${options.name}: capacity and concurrency must be >= 1`,
+      );
     }
     this.name = options.name;
     this.capacity = options.capacity;
@@ -176,9 +182,16 @@ export class Stage<T> {
     return this.#size === 0 ? 0 : at - this.#enqueuedAt[this.#head]!;
   }
 
-  /** The measured queue delay in milliseconds: the larger of the recent mean wait and the head's age. */
+  /**
+   * The measured queue delay in milliseconds: the larger of the head's age and the recent mean wait,
+   * which halves every {@link WAIT_HALF_LIFE_MS} without new samples (so one stall cannot latch it).
+   */
   queueDelayMs(at: number = now()): number {
-    return Math.max(this.#waitEwmaMs, this.headAgeMs(at));
+    return Math.max(this.#recentWait(at), this.headAgeMs(at));
+  }
+
+  #recentWait(at: number): number {
+    return this.#waitEwmaMs * 2 ** (-(at - this.#waitAt) / WAIT_HALF_LIFE_MS);
   }
 
   /**
@@ -260,13 +273,13 @@ export class Stage<T> {
       this.#items[slot] = undefined;
       this.#head = (this.#head + 1) % this.capacity;
       this.#size--;
-      this.#waitEwmaMs += (waitMs - this.#waitEwmaMs) * 0.05;
+      this.#waitEwmaMs = this.#recentWait(t) + (waitMs - this.#recentWait(t)) * 0.05;
+      this.#waitAt = t;
       this.queueWait.observe(waitMs / 1000);
       this.#run(item);
     }
     this.#draining = false;
-    if (this.#size === 0) this.#waitEwmaMs *= 0.5;
-    else if (this.#inFlight < this.concurrency) this.#schedule();
+    if (this.#size > 0 && this.#inFlight < this.concurrency) this.#schedule();
   }
 
   #run(item: T): void {

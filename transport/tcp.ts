@@ -15,6 +15,9 @@ import type { Source } from "../sip/message.ts";
 /** Bytes a flow may have queued for sending before it counts as a slow reader and is closed. */
 export const MAX_SEND_BACKLOG = 256 * 1024;
 
+/** Requests one flow may have in service before its reading pauses (per-flow back-pressure). */
+export const PAUSE_AT = 128;
+
 /** One TCP connection and the little state the stages keep for it. Kept small: 300,000 of them. */
 export class Flow {
   /** Where messages on this flow come from; one object shared by all of them. */
@@ -23,6 +26,8 @@ export class Flow {
   framer: unknown = null;
   /** Requests admitted and not yet answered; reading pauses while it is high. */
   pending = 0;
+  /** Set by the frame stage while a message is partly received (header-completion timeout). */
+  partialSince = 0;
   /** When bytes last arrived, ms (coarse clock). */
   lastActive: number;
   closed = false;
@@ -30,6 +35,21 @@ export class Flow {
   constructor(readonly id: number, readonly socket: net.Socket, source: Source, at: number) {
     this.source = source;
     this.lastActive = at;
+  }
+
+  /**
+   * Counts a request admitted for processing; pauses reading from the socket at {@link PAUSE_AT} so a
+   * flow that sends faster than it is served waits in its own TCP window, not in our queues.
+   */
+  requestStarted(): void {
+    if (++this.pending === PAUSE_AT && !this.closed) this.socket.pause();
+  }
+
+  /** Counts a request answered (or dropped); resumes reading once the backlog has halved. */
+  requestDone(): void {
+    if (--this.pending <= PAUSE_AT / 2 && !this.closed && this.socket.isPaused()) {
+      this.socket.resume();
+    }
   }
 
   /** Writes bytes; closes the flow if the peer has stopped reading. Returns false if the flow is gone. */
@@ -47,8 +67,8 @@ export class Flow {
   close(): void {
     if (this.closed) return;
     this.closed = true;
-    this.socket.end();
-    this.socket.destroySoon?.();
+    // FIN after what is queued is written, then release the socket without waiting for the peer.
+    this.socket.end(() => this.socket.destroy());
   }
 }
 

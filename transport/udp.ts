@@ -25,7 +25,7 @@ export function listenUdp(
   onDatagram: (bytes: Uint8Array, source: Source) => void,
 ): Promise<UdpTransport> {
   const v6 = host.includes(":");
-  const socket = dgram.createSocket({ type: v6 ? "udp6" : "udp4", recvBufferSize: 8 << 20 });
+  const socket = dgram.createSocket({ type: v6 ? "udp6" : "udp4" });
   let sendErrors = 0;
   return new Promise((resolve, reject) => {
     socket.once("error", reject);
@@ -52,9 +52,13 @@ export function listenUdp(
           return sendErrors;
         },
         send(bytes, address, toPort) {
-          socket.send(bytes, toPort, address, (error) => {
-            if (error) sendErrors++;
-          });
+          try {
+            socket.send(bytes, toPort, address, (error) => {
+              if (error) sendErrors++;
+            });
+          } catch {
+            sendErrors++; // closed socket, bad address: counted, never thrown
+          }
         },
         close: () => new Promise((done) => socket.close(() => done())),
       });

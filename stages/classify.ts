@@ -1,0 +1,94 @@
+/**
+ * The classify stage: reads only the first line of a framed message and decides, before any full parse,
+ * what it is and whether there is room for it (the paper's §7.1; SEDA admission control).
+ *
+ * Priority classes, highest first:
+ * - 0 responses: we run no client transactions yet, so they match none; dropped and counted
+ *   (RFC 3261 §18.1.2: a response matching no transaction is discarded).
+ * - 1 ACK, CANCEL, BYE: work that ends work. ACK is absorbed (no INVITE transactions here); CANCEL and
+ *   BYE pass admission while the registrar's queue has room at all.
+ * - 2 REGISTER, and 3 other new requests: admitted only while the registrar's measured queue delay is
+ *   under the target (class 3 under half of it) and its queue has room; otherwise answered with
+ *   503 + Retry-After built by a minimal line scan (`quickResponse`), never a full parse.
+ *
+ * @module
+ */
+import { scanFirstLine } from "../sip/first_line.ts";
+import { quickResponse } from "../sip/serialize.ts";
+import type { Inbound, Reply } from "./items.ts";
+import { Stage } from "./runtime.ts";
+
+/** Queue and worker settings: classification is a few byte comparisons, run inline. */
+export const CLASSIFY_SETTINGS = { capacity: 1024, concurrency: 1, mode: "inline" } as const;
+
+/** What classify needs to know about the stage after it. */
+export interface ClassifyOptions {
+  /** The registrar stage: its free capacity and measured delay drive admission. */
+  readonly registrar: Stage<Inbound>;
+  /** Queue delay (ms) above which new requests are refused. */
+  readonly admissionDelayMs: number;
+  /** The respond stage, for 503s and 400s built here. */
+  readonly respond: (reply: Reply) => void;
+  readonly onError: (error: unknown, stage: string) => void;
+}
+
+/** The priority class of a first line: 0 response, 1 ACK/CANCEL/BYE, 2 REGISTER, 3 other, -1 invalid. */
+export function priorityOf(bytes: Uint8Array): { cls: -1 | 0 | 1 | 2 | 3; method: string } {
+  const line = scanFirstLine(bytes);
+  if (line.kind === "response") return { cls: 0, method: "" };
+  if (line.kind === "invalid") return { cls: -1, method: "" };
+  const m = line.method;
+  if (m === "REGISTER") return { cls: 2, method: m };
+  if (m === "ACK" || m === "CANCEL" || m === "BYE") return { cls: 1, method: m };
+  return { cls: 3, method: m };
+}
+
+/** Builds the classify stage. */
+export function createClassifyStage(options: ClassifyOptions): Stage<Inbound> {
+  const { registrar } = options;
+  const reply = (inbound: Inbound, status: number, reason: string, bytes: Uint8Array): void =>
+    options.respond({ inbound, request: null, status, reason, headers: [], bytes });
+
+  const stage: Stage<Inbound> = new Stage<Inbound>({
+    name: "classify",
+    ...CLASSIFY_SETTINGS,
+    onError: options.onError,
+    handler(inbound) {
+      const { cls, method } = priorityOf(inbound.bytes);
+      if (cls === 0) return stage.drop("stray-response");
+      if (cls === -1) {
+        // Not a SIP start line: answer 400 if the message carries enough to address one, else drop.
+        const bytes = quickResponse(inbound.bytes, 400, "Bad Request Line");
+        if (bytes === null) return stage.drop("invalid");
+        stage.drop("bad-request-line");
+        return reply(inbound, 400, "Bad Request Line", bytes);
+      }
+      if (method === "ACK") return stage.drop("ack-absorbed");
+      if (cls >= 2) {
+        const delay = registrar.queueDelayMs();
+        const target = cls === 2 ? options.admissionDelayMs : options.admissionDelayMs / 2;
+        if (delay > target || registrar.free === 0) {
+          return refuse(inbound, delay);
+        }
+      }
+      inbound.flow?.requestStarted();
+      if (!registrar.offer(inbound)) {
+        inbound.flow?.requestDone();
+        refuse(inbound, registrar.queueDelayMs());
+      }
+    },
+  });
+
+  function refuse(inbound: Inbound, delayMs: number): void {
+    // Retry-After grows with the overload: the time the backlog needs, at least 1 s (RFC 3261 §21.5.4).
+    const retryAfter = Math.min(60, Math.max(1, Math.ceil(delayMs / options.admissionDelayMs)));
+    const bytes = quickResponse(inbound.bytes, 503, "Service Unavailable", [[
+      "Retry-After",
+      String(retryAfter),
+    ]]);
+    if (bytes === null) return stage.drop("overload-unanswerable");
+    stage.drop("overload-503");
+    reply(inbound, 503, "Service Unavailable", bytes);
+  }
+  return stage;
+}
