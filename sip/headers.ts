@@ -211,18 +211,13 @@ export function headerAll(msg: SipMessage, name: string): string[] {
   return out;
 }
 
-/** Parses `;name[=value]` parameters from `i`; stops at the end or at `stop` (a char code). */
-function parseParams(
-  s: string,
-  i: number,
-  params: Map<string, string | null>,
-  stopAt = -1,
-): number {
+/** Parses `;name[=value]` parameters from `i` to the end into `params`; returns the index reached
+ * (the length) or -1 when malformed. */
+function parseParams(s: string, i: number, params: Map<string, string | null>): number {
   for (;;) {
     i = skipWs(s, i);
     if (i >= s.length) return i;
     const c = s.charCodeAt(i);
-    if (c === stopAt) return i;
     if (c !== 0x3b) return -1;
     i = skipWs(s, i + 1);
     const ne = tokenEnd(s, i);
@@ -240,7 +235,7 @@ function parseParams(
         let j = i;
         while (j < s.length) {
           const d = s.charCodeAt(j);
-          if (d === 0x3b || d === 0x2c || d === 0x20 || d === 0x09 || d === stopAt) break;
+          if (d === 0x3b || d === 0x2c || d === 0x20 || d === 0x09) break;
           j++;
         }
         if (j === i) return -1;
