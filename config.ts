@@ -60,6 +60,8 @@ export interface ServeConfig {
   readonly commitBatch: number;
   /** Challenge REGISTERs with digest authentication (RFC 3261 §22). @default false */
   readonly auth: boolean;
+  /** Digest algorithms challenged with, most preferred first (RFC 8760 §2.4). @default SHA-256, MD5 */
+  readonly digestAlgorithms: readonly ("SHA-256" | "MD5")[];
   /** Prometheus metrics listen address, or null for none. */
   readonly metrics: { readonly host: string; readonly port: number } | null;
   readonly logLevel: LogLevel;
@@ -87,6 +89,8 @@ Options:
   --commit-window MS       group commit: longest wait for a batch (default 2)
   --commit-batch N         group commit: most changes per batch (default 1000)
   --auth                   require digest authentication for REGISTER
+  --digest-algorithms L    challenge order (default SHA-256,MD5; MD5,SHA-256 for clients that
+                           read only the first challenge, e.g. SIPp and sipsak)
   --metrics HOST:PORT      serve Prometheus metrics over HTTP
   --log-level L            error, warn, info or debug (default info)
   -h, --help               this text`;
@@ -168,6 +172,7 @@ export function parseServeArgs(
         "commit-window": { type: "string" },
         "commit-batch": { type: "string" },
         auth: { type: "boolean" },
+        "digest-algorithms": { type: "string" },
         metrics: { type: "string" },
         "log-level": { type: "string" },
         help: { type: "boolean", short: "h" },
@@ -206,6 +211,17 @@ export function parseServeArgs(
   if (store !== "memory" && store !== "postgres") {
     throw new ConfigError(`invalid --store "${store}": expected memory or postgres`);
   }
+  const digestAlgorithms = (values["digest-algorithms"] ?? "SHA-256,MD5").split(",").map((a) =>
+    a.trim().toUpperCase()
+  );
+  if (
+    digestAlgorithms.length === 0 || new Set(digestAlgorithms).size !== digestAlgorithms.length ||
+    digestAlgorithms.some((a) => a !== "SHA-256" && a !== "MD5")
+  ) {
+    throw new ConfigError(
+      `invalid --digest-algorithms "${values["digest-algorithms"]}": expected SHA-256 and/or MD5`,
+    );
+  }
   const db = values.db ?? env["DATABASE_URL"] ?? null;
   if (db !== null && !/^postgres(ql)?:\/\//.test(db)) {
     throw new ConfigError(`invalid --db "${db}": expected a postgres:// URL`);
@@ -229,6 +245,7 @@ export function parseServeArgs(
     commitWindowMs: integer("commit-window", values["commit-window"], 2, 0, 1000),
     commitBatch: integer("commit-batch", values["commit-batch"], 1000, 1, 100_000),
     auth: values.auth ?? false,
+    digestAlgorithms: digestAlgorithms as ("SHA-256" | "MD5")[],
     metrics: values.metrics ? parseHostPort("metrics", values.metrics) : null,
     logLevel: level as LogLevel,
   };

@@ -16,6 +16,7 @@
 import { scanFirstLine } from "../sip/first_line.ts";
 import { quickResponse } from "../sip/serialize.ts";
 import type { Inbound, Reply } from "./items.ts";
+import { localTag } from "./respond.ts";
 import { Stage } from "./runtime.ts";
 
 /** Queue and worker settings: classification is a few byte comparisons, run inline. */
@@ -58,7 +59,7 @@ export function createClassifyStage(options: ClassifyOptions): Stage<Inbound> {
       if (cls === 0) return stage.drop("stray-response");
       if (cls === -1) {
         // Not a SIP start line: answer 400 if the message carries enough to address one, else drop.
-        const bytes = quickResponse(inbound.bytes, 400, "Bad Request Line");
+        const bytes = quickResponse(inbound.bytes, 400, "Bad Request Line", [], localTag());
         if (bytes === null) return stage.drop("invalid");
         stage.drop("bad-request-line");
         return reply(inbound, 400, "Bad Request Line", bytes);
@@ -85,7 +86,7 @@ export function createClassifyStage(options: ClassifyOptions): Stage<Inbound> {
     const bytes = quickResponse(inbound.bytes, 503, "Service Unavailable", [[
       "Retry-After",
       String(retryAfter),
-    ]]);
+    ]], localTag());
     if (bytes === null) return stage.drop("overload-unanswerable");
     stage.drop("overload-503");
     reply(inbound, 503, "Service Unavailable", bytes);

@@ -27,6 +27,7 @@ import { parseMessage } from "../sip/parse.ts";
 import { quickResponse } from "../sip/serialize.ts";
 import type { ContactChange, LocationStore, RegisterChange } from "../storage/location_store.ts";
 import type { Inbound, Reply } from "./items.ts";
+import { localTag } from "./respond.ts";
 import { Stage } from "./runtime.ts";
 
 /**
@@ -339,7 +340,7 @@ export function createRegistrarStage(
     if (!parsed.ok) {
       // §21.4.1: a request we cannot parse gets 400 with the reason (505/416 where they fit), if it
       // carries what a response needs; otherwise it is dropped.
-      const bytes = quickResponse(inbound.bytes, parsed.status, parsed.reason);
+      const bytes = quickResponse(inbound.bytes, parsed.status, parsed.reason, [], localTag());
       if (bytes === null) return stage.drop("unparseable");
       responses.set(parsed.status, (responses.get(parsed.status) ?? 0) + 1);
       options.respond({
