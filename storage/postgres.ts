@@ -6,18 +6,22 @@
  * transaction, in arrival order, then resolves every caller of the batch once it has committed. Batches
  * run one after another, so a refresh never overtakes the registration it refreshes.
  *
- * A batch transaction (three round trips, whatever its size):
- * 1. per-AOR advisory locks, taken in hash order so that batches of several processes never deadlock,
- *    pipelined with a read of the batch's AORs' bindings (a fresh snapshot, after the locks: it sees
- *    what other processes committed);
+ * A batch transaction, on a reserved connection, in two round trips whatever its size:
+ * 1. BEGIN, per-AOR advisory locks (taken in hash order, so that batches of several processes never
+ *    deadlock) and a read of the batch's AORs' bindings, pipelined: the read's snapshot is taken after
+ *    the locks, so it sees what other processes committed;
  * 2. the changes computed in order by {@link applyRegister}, the same function as the in-memory store,
- *    so the semantics are the same by construction; one statement deletes the bindings that went and
- *    upserts the ones that changed;
- * 3. COMMIT.
+ *    so the semantics are the same by construction; then the DELETE of bindings that went, the upsert
+ *    of those that changed, and COMMIT, pipelined.
+ *
+ * Why not `sql.begin()`: when the backend dies inside a transaction, postgres.js 3.4.9's begin()
+ * writes its own ROLLBACK to the closed socket, an uncaught TypeError that ends the process
+ * (porsager/postgres#1208, #1154). Measured against begin() (four round trips), the two round trips
+ * gain nothing noticeable on loopback: the cost is the server's work and the fsync.
  *
  * @module
  */
-import type postgres from "postgres";
+import postgres from "postgres";
 import type { Binding, LocationStore, RegisterChange, RegisterOutcome } from "./location_store.ts";
 import { applyRegister } from "./memory.ts";
 import type { Subscriber, SubscriberStore } from "./subscriber_store.ts";
@@ -366,75 +370,130 @@ export class PostgresLocationStore implements LocationStore {
     this.#commitCounts[COMMIT_BOUNDS.length]!++;
   }
 
-  /** One transaction for the batch; resolves to each change's outcome after COMMIT. */
-  #transact(batch: readonly Pending[]): Promise<RegisterOutcome[]> {
+  /**
+   * One transaction for the batch on a reserved connection, in two round trips: BEGIN, the locks and
+   * the read pipelined; then the writes and COMMIT pipelined. Resolves to each change's outcome
+   * after COMMIT succeeded.
+   */
+  async #transact(batch: readonly Pending[]): Promise<RegisterOutcome[]> {
     const aors = [...new Set(batch.map((p) => p.change.aor))];
-    return this.#sql.begin(async (tx) => {
-      const [, rows] = await Promise.all([
-        tx`SELECT pg_advisory_xact_lock(k) FROM (
-             SELECT DISTINCT hashtextextended(a, 0) AS k FROM unnest(${aors}::text[]) AS a ORDER BY 1
-           ) AS locks`.execute(),
-        tx.unsafe<LocationRow[]>(
-          `SELECT ${SELECT_COLUMNS} FROM locations WHERE aor = ANY($1::text[])
+    const conn = await this.#sql.reserve();
+    // postgres.js gives a reserved connection no close notice, and a query issued on it after it
+    // closed is written to a dead socket (an uncaught TypeError): learn of the close the way
+    // postgres.js's own begin() does, through the undocumented `onexecute` query option.
+    // Queries postgres.js had not sent yet when the connection closed never settle: race them
+    // against the close.
+    let closed = false;
+    let onClose: (err: unknown) => void = () => {};
+    const whenClosed = new Promise<never>((_, reject) => onClose = reject);
+    whenClosed.catch(() => {});
+    const watch = {
+      onexecute: (c: { onclose?: (e: unknown) => void }) => {
+        c.onclose = (err) => {
+          closed = true;
+          onClose(err);
+        };
+      },
+    } as postgres.UnsafeQueryOptions;
+    try {
+      const [, , rows] = await Promise.race([
+        whenClosed,
+        Promise.all([
+          conn.unsafe("BEGIN", [], watch).execute(),
+          conn`SELECT pg_advisory_xact_lock(k) FROM (
+               SELECT DISTINCT hashtextextended(a, 0) AS k FROM unnest(${aors}::text[]) AS a
+               ORDER BY 1
+             ) AS locks`.execute(),
+          conn.unsafe<LocationRow[]>(
+            `SELECT ${SELECT_COLUMNS} FROM locations WHERE aor = ANY($1::text[])
            ORDER BY aor, ${ORDER}`,
-          [aors],
-        ).execute(),
-      ]);
-      const state = new Map<string, readonly Binding[]>();
-      const read = new Set<Binding>();
-      for (const r of rows) {
-        const b = toBinding(r);
-        read.add(b);
-        const list = state.get(b.aor) as Binding[] | undefined;
-        if (list) list.push(b);
-        else state.set(b.aor, [b]);
-      }
-      const outcomes: RegisterOutcome[] = [];
-      const touched = new Set<string>();
-      for (const { change } of batch) {
-        const result = applyRegister(state.get(change.aor) ?? [], change);
-        if (result.ok) {
-          state.set(change.aor, result.bindings);
-          touched.add(change.aor);
-          outcomes.push({ ok: true, bindings: result.bindings });
-        } else {
-          outcomes.push(result);
-        }
-      }
-      if (touched.size === 0) return outcomes;
-      // Bindings read that are no longer there (removed, expired, replaced) go; new and changed
-      // bindings (objects applyRegister created) are upserted.
-      const goneAors: string[] = [];
-      const goneKeys: string[] = [];
-      const upserts: Record<string, unknown>[] = [];
-      const kept = new Set<Binding>();
-      for (const aor of touched) {
-        for (const b of state.get(aor) ?? []) {
-          if (read.has(b)) kept.add(b);
-          else upserts.push(toRow(b));
-        }
-      }
-      for (const b of read) {
-        if (touched.has(b.aor) && !kept.has(b)) {
-          goneAors.push(b.aor);
-          goneKeys.push(b.key);
-        }
-      }
+            [aors],
+          ).execute(),
+        ]),
+      ]).catch(async (err) => {
+        // A statement failed on a live connection: end the transaction before the pool reuses it.
+        if (!closed && err instanceof postgres.PostgresError) await conn`ROLLBACK`.catch(() => {});
+        throw err;
+      });
+      const { outcomes, goneAors, goneKeys, upserts } = plan(rows, batch);
       const writes: Promise<unknown>[] = [];
       if (goneAors.length > 0) {
         writes.push(
-          tx`DELETE FROM locations AS l USING unnest(${goneAors}::text[], ${goneKeys}::text[])
-             AS g(aor, key) WHERE l.aor = g.aor AND l.key = g.key`.execute(),
+          conn`DELETE FROM locations AS l USING unnest(${goneAors}::text[], ${goneKeys}::text[])
+               AS g(aor, key) WHERE l.aor = g.aor AND l.key = g.key`.execute(),
         );
       }
-      if (upserts.length > 0) writes.push(this.#upsert(tx, upserts));
-      await Promise.all(writes);
+      if (upserts.length > 0) writes.push(upsert(conn, upserts));
+      // After a failed write the server answers COMMIT with ROLLBACK; either way, all settle.
+      const commit = conn`COMMIT`.execute();
+      const settled = await Promise.race([whenClosed, Promise.allSettled([...writes, commit])]);
+      const failed = settled.find((r): r is PromiseRejectedResult => r.status === "rejected");
+      if (failed) throw failed.reason;
+      const tag =
+        (settled[settled.length - 1] as PromiseFulfilledResult<{ command: string }>).value;
+      if (tag.command !== "COMMIT") {
+        throw new Error(`Cannot commit: server answered ${tag.command}`);
+      }
       return outcomes;
-    });
+    } finally {
+      // A closed connection stays with postgres.js, which reconnects it; releasing it would put it
+      // back in the open pool.
+      if (!closed) conn.release();
+    }
   }
+}
 
-  #upsert(tx: postgres.TransactionSql, rows: Record<string, unknown>[]): Promise<unknown> {
-    return tx`
+/** What a batch does: each change's outcome, and the rows to delete and upsert. */
+function plan(rows: readonly LocationRow[], batch: readonly Pending[]): {
+  outcomes: RegisterOutcome[];
+  goneAors: string[];
+  goneKeys: string[];
+  upserts: Record<string, unknown>[];
+} {
+  const state = new Map<string, readonly Binding[]>();
+  const read = new Set<Binding>();
+  for (const r of rows) {
+    const b = toBinding(r);
+    read.add(b);
+    const list = state.get(b.aor) as Binding[] | undefined;
+    if (list) list.push(b);
+    else state.set(b.aor, [b]);
+  }
+  const outcomes: RegisterOutcome[] = [];
+  const touched = new Set<string>();
+  for (const { change } of batch) {
+    const result = applyRegister(state.get(change.aor) ?? [], change);
+    if (result.ok) {
+      state.set(change.aor, result.bindings);
+      touched.add(change.aor);
+      outcomes.push({ ok: true, bindings: result.bindings });
+    } else {
+      outcomes.push(result);
+    }
+  }
+  // Bindings read that are no longer there (removed, expired, replaced) go; new and changed
+  // bindings (objects applyRegister created) are upserted.
+  const goneAors: string[] = [];
+  const goneKeys: string[] = [];
+  const upserts: Record<string, unknown>[] = [];
+  const kept = new Set<Binding>();
+  for (const aor of touched) {
+    for (const b of state.get(aor) ?? []) {
+      if (read.has(b)) kept.add(b);
+      else upserts.push(toRow(b));
+    }
+  }
+  for (const b of read) {
+    if (touched.has(b.aor) && !kept.has(b)) {
+      goneAors.push(b.aor);
+      goneKeys.push(b.key);
+    }
+  }
+  return { outcomes, goneAors, goneKeys, upserts };
+}
+
+function upsert(conn: postgres.Sql, rows: Record<string, unknown>[]): Promise<unknown> {
+  return conn`
       INSERT INTO locations AS l (aor, key, contact, expires_at, q, call_id, cseq, instance_id,
         reg_id, transport, source_address, source_port, worker, flow_id, path, user_agent,
         updated_at)
@@ -452,7 +511,6 @@ export class PostgresLocationStore implements LocationStore {
         source_port = excluded.source_port, worker = excluded.worker,
         flow_id = excluded.flow_id, path = excluded.path, user_agent = excluded.user_agent,
         updated_at = excluded.updated_at`.execute();
-  }
 }
 
 interface SubscriberRow {

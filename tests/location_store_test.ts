@@ -4,6 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { createServer, type Server, Socket } from "node:net";
+import postgres from "postgres";
 import { MemoryLocationStore } from "../storage/memory.ts";
 import { migrate } from "../storage/migrate.ts";
 import { connect, openStorage } from "../storage/open.ts";
@@ -187,6 +188,37 @@ serverTest(
           assert.deepEqual(await inflight, { ok: false, reason: "unavailable", retryAfter: 3 });
           assert.ok(performance.now() - started < 450, "failed by the reset, not by the timeout");
           assert.equal(store.stats().timeouts, timeoutsBefore);
+          const took = await recover(1000);
+          assert.ok(took < 1000, `recovered after ${took} ms`);
+        },
+      );
+
+      await t.step(
+        "backend terminated inside a batch transaction: unavailable, no crash",
+        async () => {
+          // Hold the AOR's batch lock elsewhere, so that the batch waits inside its transaction.
+          const admin = postgres(TEST_DATABASE_URL, { max: 1, onnotice: () => {} });
+          try {
+            const held = admin.begin(async (tx) => {
+              await tx`SELECT pg_advisory_xact_lock(hashtextextended(${"sip:outage@example.com"}, 0))`;
+              const waiting = reg();
+              let pid: number | undefined;
+              for (let i = 0; i < 100 && pid === undefined; i++) {
+                await new Promise((r) => setTimeout(r, 20));
+                const rows = await tx`SELECT pid FROM pg_stat_activity
+                WHERE wait_event_type = 'Lock' AND query LIKE '%pg_advisory_xact_lock(k)%'
+                  AND pid <> pg_backend_pid()`;
+                pid = rows[0]?.pid as number | undefined;
+              }
+              assert.ok(pid !== undefined, "the batch never waited for the lock");
+              await tx`SELECT pg_terminate_backend(${pid})`;
+              return [await waiting];
+            });
+            assert.deepEqual(await held, [{ ok: false, reason: "unavailable", retryAfter: 3 }]);
+          } finally {
+            await admin.end();
+          }
+          await new Promise((r) => setTimeout(r, 300)); // a write on the dead socket would throw here
           const took = await recover(1000);
           assert.ok(took < 1000, `recovered after ${took} ms`);
         },
