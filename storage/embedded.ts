@@ -39,6 +39,7 @@ export interface Embedded {
   readonly url: string;
   /** The pool size clients must use: 1. */
   readonly maxConnections: 1;
+  /** The data directory in use. */
   readonly dataDir: string;
   /** Milliseconds taken to open the data directory, and to start listening. */
   readonly timings: { readonly openMs: number; readonly listenMs: number };

@@ -1,7 +1,9 @@
 /**
  * Group-commit throughput of {@link PostgresLocationStore} through its API: rows committed per second
  * for batches of 100 and 1,000 concurrent `register()` calls, new bindings (inserts) and refreshes
- * (updates), against a PostgreSQL server or the embedded engine. Each run uses a throw-away schema
+ * (updates), and with 100 or 1,000 clients each refreshing again as soon as it got its answer
+ * (closed loop, batches form while the previous one commits), against a PostgreSQL server or the
+ * embedded engine. Each run uses a throw-away schema
  * (server) or data directory (embedded).
  *
  * ```sh
@@ -18,12 +20,19 @@ import { openStorage, type Storage } from "./open.ts";
 
 /** One measured configuration. */
 export interface GroupCommitResult {
+  /** PostgreSQL server or embedded engine. */
   readonly target: "server" | "embedded";
+  /** Concurrent `register()` calls per round, or clients in the closed loop; also `maxBatchSize`. */
   readonly batch: number;
-  readonly kind: "insert" | "refresh";
+  /** Rounds of `batch` concurrent new bindings, then refreshes; or `batch` clients refreshing in a loop. */
+  readonly kind: "insert" | "refresh" | "closed-loop";
+  /** Rounds measured (0 for the closed loop, which runs 3 s). */
   readonly rounds: number;
+  /** Registrations committed per second. */
   readonly rowsPerSecond: number;
+  /** Mean time from BEGIN to COMMIT of a batch. */
   readonly meanBatchMs: number;
+  /** Batches committed. */
   readonly batches: number;
 }
 
@@ -87,7 +96,39 @@ export async function measure(
       batches,
     });
   }
+  results.push(await closedLoop(storage, target, batch, 3000));
   return results;
+}
+
+/** `clients` concurrent clients, each refreshing its binding again as soon as the last one committed. */
+export async function closedLoop(
+  storage: Storage,
+  target: "server" | "embedded",
+  clients: number,
+  durationMs: number,
+): Promise<GroupCommitResult> {
+  const store = storage.locations;
+  const before = store.stats();
+  const started = performance.now();
+  let ok = 0;
+  await Promise.all(Array.from({ length: clients }, async (_, i) => {
+    const aor = `sip:loop${clients}c${i}@bench.example`;
+    for (let cseq = 1; performance.now() - started < durationMs; cseq++) {
+      if ((await store.register(registration(aor, cseq, Date.now()))).ok) ok++;
+    }
+  }));
+  const seconds = (performance.now() - started) / 1000;
+  const after = store.stats();
+  const batches = after.batches - before.batches;
+  return {
+    target,
+    batch: clients,
+    kind: "closed-loop",
+    rounds: 0,
+    rowsPerSecond: Math.round(ok / seconds),
+    meanBatchMs: (after.commitSeconds.sum - before.commitSeconds.sum) * 1000 / batches,
+    batches,
+  };
 }
 
 if (import.meta.main) {
@@ -131,10 +172,10 @@ if (import.meta.main) {
   }
   if (values.json) console.log(JSON.stringify(all));
   else {
-    console.log("target    batch  kind     rows/s  mean batch ms  batches");
+    console.log("target    batch  kind         rows/s  mean batch ms  batches");
     for (const r of all) {
       console.log(
-        `${r.target.padEnd(9)} ${String(r.batch).padStart(5)}  ${r.kind.padEnd(7)} ${
+        `${r.target.padEnd(9)} ${String(r.batch).padStart(5)}  ${r.kind.padEnd(11)} ${
           String(r.rowsPerSecond).padStart(7)
         }  ${r.meanBatchMs.toFixed(1).padStart(13)}  ${String(r.batches).padStart(7)}`,
       );

@@ -17,6 +17,7 @@ export interface Migration {
   readonly version: string;
   /** The rest of the file name without `.sql`, e.g. `"locations"`. */
   readonly name: string;
+  /** The file's SQL, run as one simple-protocol query. */
   readonly sql: string;
 }
 

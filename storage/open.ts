@@ -38,6 +38,7 @@ export interface ConnectOptions {
 
 /** A postgres.js instance, and a way to drop its current connections. */
 export interface Connection {
+  /** The pool. */
   readonly sql: postgres.Sql;
   /**
    * Destroys every socket of the pool: queries on them fail at once and postgres.js reconnects for
@@ -94,8 +95,11 @@ export interface OpenStorageOptions extends ConnectOptions {
 
 /** Storage opened by {@link openStorage}. */
 export interface Storage {
+  /** The location service, with group commit. */
   readonly locations: PostgresLocationStore;
+  /** Subscribers and their credentials. */
   readonly subscribers: PostgresSubscriberStore;
+  /** The pool both stores use (for health checks and admin queries). */
   readonly sql: postgres.Sql;
   /** Versions the start-up migration applied. */
   readonly migrated: readonly string[];

@@ -66,7 +66,9 @@ export interface GroupCommitStats {
   readonly failedBatches: number;
   /** Of those, batches that hit `commitTimeoutMs`. */
   readonly timeouts: number;
+  /** Changes in the latest batch. */
   readonly lastBatchSize: number;
+  /** Changes in the largest batch so far. */
   readonly largestBatchSize: number;
   /** Changes waiting for a batch now. */
   readonly queued: number;
@@ -80,7 +82,9 @@ export interface Histogram {
   readonly bounds: readonly number[];
   /** `counts[i]` observations ≤ `bounds[i]`; `counts[bounds.length]` is the total count. */
   readonly counts: readonly number[];
+  /** Sum of the observations. */
   readonly sum: number;
+  /** Number of observations. */
   readonly count: number;
 }
 
@@ -203,6 +207,8 @@ export class PostgresLocationStore implements LocationStore {
   #commitSum = 0;
 
   /**
+   * A store on `sql`; the caller keeps ownership of `sql` (ends it after {@link close}).
+   *
    * @param sql a postgres.js instance whose `search_path` leads to the migrated tables
    * @param options batching and outage behaviour
    */
@@ -528,7 +534,11 @@ function toSubscriber(r: SubscriberRow): Subscriber {
 export class PostgresSubscriberStore implements SubscriberStore {
   readonly #sql: postgres.Sql;
 
-  /** @param sql a postgres.js instance whose `search_path` leads to the migrated tables */
+  /**
+   * A store on `sql`, which the caller keeps ownership of.
+   *
+   * @param sql a postgres.js instance whose `search_path` leads to the migrated tables
+   */
   constructor(sql: postgres.Sql) {
     this.#sql = sql;
   }
