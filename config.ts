@@ -13,6 +13,9 @@ export class ConfigError extends Error {
   override name = "ConfigError";
 }
 
+/** Flows one process may hold: a process may open 20,000 files here, and some are not sockets. */
+export const FLOWS_PER_WORKER = 19_000;
+
 /** One listening socket. */
 export interface ListenSpec {
   readonly transport: "udp" | "tcp";
@@ -42,8 +45,12 @@ export interface ServeConfig {
   readonly headerTimeout: number;
   /** Seconds a TCP flow may stay silent before it is closed; 0 never. @default 7500 */
   readonly idleTimeout: number;
-  /** TCP flows this process holds at most (below the 20,000 files a process may open). @default 19000 */
+  /** Worker processes. @default the number of cores, or more if `--max-flows` needs them */
+  readonly workers: number;
+  /** TCP flows the whole box holds. @default workers x 19000 */
   readonly maxFlows: number;
+  /** TCP flows one worker holds: maxFlows / workers, at most 19000 (a process may open 20,000 files). */
+  readonly maxFlowsPerWorker: number;
   /** TCP flows one source IP may hold. @default 1000 */
   readonly maxFlowsPerIp: number;
   /** Queue delay (ms) above which classify refuses new requests with 503. @default 100 */
@@ -80,7 +87,8 @@ Options:
   --max-message-size B     largest SIP message (default 65536)
   --header-timeout S       time to complete a message's headers on TCP (default 10)
   --idle-timeout S         close a silent TCP flow after S seconds, 0 never (default 7500)
-  --max-flows N            TCP flows this process holds (default 19000)
+  --workers N              worker processes (default: cores, or max-flows / 19000 if more)
+  --max-flows N            TCP flows the box holds (default workers x 19000)
   --max-flows-per-ip N     TCP flows one source IP holds (default 1000)
   --admission-delay MS     queue delay above which new requests get 503 (default 100)
   --store memory|postgres  where bindings live (default postgres: --db, DATABASE_URL or embedded)
@@ -164,6 +172,7 @@ export function parseServeArgs(
         "header-timeout": { type: "string" },
         "idle-timeout": { type: "string" },
         "max-flows": { type: "string" },
+        workers: { type: "string" },
         "max-flows-per-ip": { type: "string" },
         "admission-delay": { type: "string" },
         store: { type: "string" },
@@ -222,6 +231,25 @@ export function parseServeArgs(
       `invalid --digest-algorithms "${values["digest-algorithms"]}": expected SHA-256 and/or MD5`,
     );
   }
+  const cores = navigator.hardwareConcurrency || 1;
+  const flowsAsked = values["max-flows"] === undefined
+    ? null
+    : integer("max-flows", values["max-flows"], 0, 1, 10_000_000);
+  const workers = integer(
+    "workers",
+    values.workers,
+    Math.max(cores, Math.ceil((flowsAsked ?? 0) / FLOWS_PER_WORKER)),
+    1,
+    256,
+  );
+  const maxFlows = flowsAsked ?? workers * FLOWS_PER_WORKER;
+  if (maxFlows / workers > FLOWS_PER_WORKER) {
+    throw new ConfigError(
+      `invalid --max-flows ${maxFlows}: ${workers} workers hold at most ${
+        workers * FLOWS_PER_WORKER
+      } (${FLOWS_PER_WORKER} each); add --workers`,
+    );
+  }
   const db = values.db ?? env["DATABASE_URL"] ?? null;
   if (db !== null && !/^postgres(ql)?:\/\//.test(db)) {
     throw new ConfigError(`invalid --db "${db}": expected a postgres:// URL`);
@@ -236,7 +264,9 @@ export function parseServeArgs(
     maxMessageSize: integer("max-message-size", values["max-message-size"], 65536, 512, 1 << 24),
     headerTimeout: integer("header-timeout", values["header-timeout"], 10, 1, 3600),
     idleTimeout: integer("idle-timeout", values["idle-timeout"], 7500, 0, 2 ** 31 - 1),
-    maxFlows: integer("max-flows", values["max-flows"], 19000, 1, 10_000_000),
+    workers,
+    maxFlows,
+    maxFlowsPerWorker: Math.ceil(maxFlows / workers),
     maxFlowsPerIp: integer("max-flows-per-ip", values["max-flows-per-ip"], 1000, 1, 10_000_000),
     admissionDelayMs: integer("admission-delay", values["admission-delay"], 100, 1, 60_000),
     store,

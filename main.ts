@@ -9,16 +9,11 @@
  *
  * @module
  */
-import { ConfigError, parseServeArgs, SERVE_HELP, type ServeConfig } from "./config.ts";
-import { log, setLogLevel } from "./log.ts";
-import { renderMetrics } from "./metrics.ts";
-import { MemoryLocationStore } from "./storage/memory.ts";
-import type { LocationStore } from "./storage/location_store.ts";
-import type { SubscriberStore } from "./storage/subscriber_store.ts";
-import { startWorker } from "./worker.ts";
-import { openConfiguredStorage, runStorageCommand } from "./storage/cli.ts";
-import { DigestAuthenticator } from "./stages/auth.ts";
-import type { RegistrarAuth } from "./stages/registrar.ts";
+import { ConfigError, parseServeArgs, SERVE_HELP } from "./config.ts";
+import { setLogLevel } from "./log.ts";
+import { runStorageCommand } from "./storage/cli.ts";
+import { runSupervisor, type WorkerSpec } from "./supervisor.ts";
+import { runWorkerProcess } from "./worker.ts";
 
 /** The program's version. */
 export const VERSION = "0.1.0";
@@ -31,74 +26,6 @@ Usage:
   citysip user add|del|list [...]   manage subscribers (citysip user --help)
   citysip --version | --help`;
 
-/** Bindings are swept from the store this often. */
-const SWEEP_INTERVAL_MS = 30_000;
-
-async function serve(config: ServeConfig): Promise<void> {
-  setLogLevel(config.logLevel);
-  let store: LocationStore;
-  let subscribers: SubscriberStore | null = null;
-  let closeStorage = async () => {};
-  if (config.store === "memory") {
-    if (config.auth) throw new ConfigError("--auth needs subscribers: use --store postgres");
-    store = new MemoryLocationStore();
-    log.warn("bindings are kept in memory only (--store memory): a restart loses them");
-  } else {
-    const storage = await openConfiguredStorage(config);
-    store = storage.locations;
-    subscribers = storage.subscribers;
-    closeStorage = storage.close;
-  }
-  let auth: RegistrarAuth | null = null;
-  if (config.auth && subscribers !== null) {
-    auth = new DigestAuthenticator({
-      subscribers,
-      secret: crypto.getRandomValues(new Uint8Array(32)),
-    });
-  }
-  const worker = await startWorker({ id: 0, config, store, auth });
-  for (const t of worker.udp) {
-    log.info("listening", { transport: "udp", address: t.address, port: t.port });
-  }
-  for (const t of worker.tcp) {
-    log.info("listening", { transport: "tcp", address: t.address, port: t.port });
-  }
-
-  const sweep = setInterval(() => {
-    store.sweep(Date.now()).catch((error) => log.warn("expiry sweep failed", { error }));
-  }, SWEEP_INTERVAL_MS);
-  let metrics: Deno.HttpServer | null = null;
-  if (config.metrics) {
-    metrics = Deno.serve({
-      hostname: config.metrics.host,
-      port: config.metrics.port,
-      onListen: (addr) => log.info("metrics", { address: addr.hostname, port: addr.port }),
-    }, () =>
-      new Response(
-        renderMetrics([{
-          worker: worker.id,
-          stages: worker.stages.map((s) => s.snapshot()),
-          flowsOpen: worker.flows.size,
-          responses: worker.responses,
-        }]),
-        { headers: { "content-type": "text/plain; version=0.0.4" } },
-      ));
-  }
-
-  const { promise: stopped, resolve: stop } = Promise.withResolvers<string>();
-  for (const signal of ["SIGINT", "SIGTERM"] as const) {
-    Deno.addSignalListener(signal, () => stop(signal));
-  }
-  const signal = await stopped;
-  log.info("stopping", { signal });
-  clearInterval(sweep);
-  await metrics?.shutdown();
-  await worker.close();
-  await store.close();
-  await closeStorage();
-  log.info("stopped");
-}
-
 /** Runs the command line; resolves to the exit status. */
 export async function main(args: string[]): Promise<number> {
   const [command, ...rest] = args;
@@ -110,7 +37,17 @@ export async function main(args: string[]): Promise<number> {
           console.log(SERVE_HELP);
           return 0;
         }
-        await serve(config);
+        if (config.auth && config.store === "memory") {
+          throw new ConfigError("--auth needs subscribers: use --store postgres");
+        }
+        setLogLevel(config.logLevel);
+        await runSupervisor(config, false);
+        return 0;
+      }
+      case "worker": {
+        const raw = Deno.env.get("CITYSIP_WORKER");
+        if (raw === undefined) throw new ConfigError("worker is started by serve, not by hand");
+        await runWorkerProcess(JSON.parse(raw) as WorkerSpec, undefined);
         return 0;
       }
       case "migrate":

@@ -10,7 +10,8 @@ export interface WorkerMetrics {
   readonly worker: number;
   readonly stages: readonly StageSnapshot[];
   readonly flowsOpen: number;
-  readonly responses: ReadonlyMap<number, number>;
+  /** Registrar responses by status code. */
+  readonly responses: Readonly<Record<string, number>>;
   /** Any other gauges or counters, by full metric name. */
   readonly extra?: Readonly<Record<string, number>>;
 }
@@ -67,7 +68,7 @@ export function renderMetrics(workers: readonly WorkerMetrics[]): string {
       }
     }
     add("citysip_flows_open", wl, w.flowsOpen);
-    for (const [status, n] of w.responses) {
+    for (const [status, n] of Object.entries(w.responses)) {
       add("citysip_responses_total", `code="${status}",${wl}`, n);
     }
     for (const [name, v] of Object.entries(w.extra ?? {})) add(name, wl, v);

@@ -4,8 +4,7 @@
  *
  * @module
  */
-import type { ServeConfig } from "./config.ts";
-import { log } from "./log.ts";
+import type { ListenSpec, ServeConfig } from "./config.ts";
 import { createAcceptStage, FlowTable } from "./stages/accept.ts";
 import { createClassifyStage } from "./stages/classify.ts";
 import { createFrameStage, type FrameInput } from "./stages/frame.ts";
@@ -16,6 +15,13 @@ import type { Stage } from "./stages/runtime.ts";
 import type { LocationStore } from "./storage/location_store.ts";
 import { listenTcp, type TcpTransport } from "./transport/tcp.ts";
 import { listenUdp, type UdpTransport } from "./transport/udp.ts";
+import { log, setLogContext, setLogLevel } from "./log.ts";
+import { MemoryLocationStore } from "./storage/memory.ts";
+import { openStorage } from "./storage/open.ts";
+import type { GroupCommitStats } from "./storage/postgres.ts";
+import type { SubscriberStore } from "./storage/subscriber_store.ts";
+import { DigestAuthenticator } from "./stages/auth.ts";
+import type { WorkerMessage, WorkerSpec } from "./supervisor.ts";
 
 /** A running worker. */
 export interface Worker {
@@ -35,6 +41,10 @@ export interface Worker {
 export interface WorkerOptions {
   readonly id: number;
   readonly config: ServeConfig;
+  /** The listeners to open (defaults to `config.listen`). */
+  readonly listen?: readonly ListenSpec[];
+  /** Opens a UDP listener; the FFI SO_REUSEPORT transport where UDP is shared by workers. */
+  readonly listenUdp?: typeof listenUdp;
   readonly store: LocationStore;
   readonly auth: RegistrarAuth | null;
 }
@@ -78,7 +88,7 @@ export async function startWorker(options: WorkerOptions): Promise<Worker> {
   });
   const flows = new FlowTable();
   const accept = createAcceptStage({
-    maxFlows: config.maxFlows,
+    maxFlows: config.maxFlowsPerWorker,
     maxFlowsPerIp: config.maxFlowsPerIp,
     idleTimeout: config.idleTimeout,
     table: flows,
@@ -91,11 +101,15 @@ export async function startWorker(options: WorkerOptions): Promise<Worker> {
   const udp: UdpTransport[] = [];
   const tcp: TcpTransport[] = [];
   try {
-    for (const spec of config.listen) {
+    for (const spec of options.listen ?? config.listen) {
       if (spec.transport === "udp") {
-        const socket: UdpTransport = await listenUdp(spec.host, spec.port, (bytes, source) => {
-          frame.stage.offer({ flow: null, bytes, source, udp: socket });
-        });
+        const socket: UdpTransport = await (options.listenUdp ?? listenUdp)(
+          spec.host,
+          spec.port,
+          (bytes, source) => {
+            frame.stage.offer({ flow: null, bytes, source, udp: socket });
+          },
+        );
         udp.push(socket);
       } else {
         tcp.push(await listenTcp(spec.host, spec.port, (socket) => accept.stage.offer(socket)));
@@ -122,4 +136,104 @@ export async function startWorker(options: WorkerOptions): Promise<Worker> {
       await Promise.all([...closing, ...udp.map((u) => u.close())]);
     },
   };
+}
+
+/**
+ * The body of `citysip worker`: started by the supervisor with a {@link WorkerSpec} in the environment.
+ * Opens its own store connection, runs the pipeline, reports on stdout, stops on SIGTERM.
+ */
+export async function runWorkerProcess(
+  spec: WorkerSpec,
+  udpTransport: typeof listenUdp | undefined,
+): Promise<void> {
+  setLogLevel(spec.config.logLevel);
+  setLogContext({ worker: spec.id });
+  let store: LocationStore;
+  let subscribers: SubscriberStore | null = null;
+  let closeStorage = async () => {};
+  if (spec.dbUrl === null) {
+    store = new MemoryLocationStore();
+  } else {
+    const storage = await openStorage(spec.dbUrl, {
+      max: spec.dbPool,
+      migrate: false,
+      locations: {
+        batchWindowMs: spec.config.commitWindowMs,
+        maxBatchSize: spec.config.commitBatch,
+      },
+    });
+    store = storage.locations;
+    subscribers = storage.subscribers;
+    closeStorage = storage.close;
+  }
+  const auth = spec.config.auth && subscribers !== null
+    ? new DigestAuthenticator({
+      subscribers,
+      secret: Uint8Array.from(spec.secret.match(/../g) ?? [], (h) => parseInt(h, 16)),
+      algorithms: spec.config.digestAlgorithms,
+    })
+    : null;
+  const worker = await startWorker({
+    id: spec.id,
+    config: spec.config,
+    store,
+    auth,
+    listen: spec.listen,
+    ...(udpTransport ? { listenUdp: udpTransport } : {}),
+  });
+  const out = Deno.stdout;
+  const encoder = new TextEncoder();
+  const say = (msg: WorkerMessage) => out.writeSync(encoder.encode(JSON.stringify(msg) + "\n"));
+  say({ type: "ready", udp: worker.udp.map((u) => u.port), tcp: worker.tcp.map((t) => t.port) });
+
+  const stop = Promise.withResolvers<void>();
+  for (const signal of ["SIGINT", "SIGTERM"] as const) {
+    Deno.addSignalListener(signal, () => stop.resolve());
+  }
+  // The supervisor asks for counters with a `metrics` line; stdin closing means it is gone.
+  (async () => {
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for await (const chunk of Deno.stdin.readable) {
+      buffer += decoder.decode(chunk, { stream: true });
+      let nl;
+      while ((nl = buffer.indexOf("\n")) >= 0) {
+        const line = buffer.slice(0, nl).trim();
+        buffer = buffer.slice(nl + 1);
+        if (line === "metrics") {
+          const stats = "stats" in store && typeof store.stats === "function"
+            ? (store as { stats(): GroupCommitStats }).stats()
+            : null;
+          say({
+            type: "metrics",
+            worker: spec.id,
+            stages: worker.stages.map((s) => s.snapshot()),
+            flowsOpen: worker.flows.size,
+            responses: Object.fromEntries(worker.responses),
+            extra: {
+              citysip_flows_refused_total: (worker.stages[0]!.dropped["max-flows"] ?? 0) +
+                (worker.stages[0]!.dropped["max-flows-per-ip"] ?? 0),
+              citysip_rss_bytes: Deno.memoryUsage().rss,
+              ...(stats === null ? {} : {
+                citysip_storage_batches_total: stats.batches,
+                citysip_storage_changes_total: stats.ops,
+                citysip_storage_failed_batches_total: stats.failedBatches,
+                citysip_storage_last_batch_size: stats.lastBatchSize,
+                citysip_storage_largest_batch_size: stats.largestBatchSize,
+                citysip_storage_queued: stats.queued,
+                citysip_storage_commit_seconds_sum: stats.commitSeconds.sum,
+                citysip_storage_commit_seconds_count: stats.commitSeconds.count,
+              }),
+            },
+          });
+        }
+      }
+    }
+    stop.resolve();
+  })().catch(() => stop.resolve());
+  await stop.promise;
+  await worker.close();
+  await store.close();
+  await closeStorage();
+  Deno.exit(0);
 }

@@ -46,6 +46,14 @@ export const LATENCY_BUCKETS: readonly number[] = [
   5,
 ];
 
+/** A histogram's data, as it crosses a process boundary (JSON) or is exported. */
+export interface HistogramData {
+  /** Per-bucket counts for {@link LATENCY_BUCKETS}, then +Inf. */
+  readonly counts: ArrayLike<number>;
+  readonly sum: number;
+  readonly count: number;
+}
+
 /** A cumulative-on-export histogram of durations in seconds, with the fixed {@link LATENCY_BUCKETS}. */
 export class Histogram {
   /** counts[i] holds observations <= LATENCY_BUCKETS[i] and > the bucket below; the last is +Inf. */
@@ -91,8 +99,8 @@ export interface StageSnapshot {
   readonly queueCapacity: number;
   readonly inFlight: number;
   readonly concurrency: number;
-  readonly queueWait: Histogram;
-  readonly serviceTime: Histogram;
+  readonly queueWait: HistogramData;
+  readonly serviceTime: HistogramData;
 }
 
 /** How a stage is built. */
@@ -236,8 +244,16 @@ export class Stage<T> {
       queueCapacity: this.capacity,
       inFlight: this.#inFlight,
       concurrency: this.concurrency,
-      queueWait: this.queueWait,
-      serviceTime: this.serviceTime,
+      queueWait: {
+        counts: [...this.queueWait.counts],
+        sum: this.queueWait.sum,
+        count: this.queueWait.count,
+      },
+      serviceTime: {
+        counts: [...this.serviceTime.counts],
+        sum: this.serviceTime.sum,
+        count: this.serviceTime.count,
+      },
     };
   }
 
