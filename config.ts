@@ -232,16 +232,26 @@ export function parseServeArgs(
     );
   }
   const cores = navigator.hardwareConcurrency || 1;
+  // The embedded engine serves one connection, so one worker; a PostgreSQL server takes any number.
+  const embeddedDefault = store === "postgres" && (values.db ?? env["DATABASE_URL"]) === undefined;
   const flowsAsked = values["max-flows"] === undefined
     ? null
     : integer("max-flows", values["max-flows"], 0, 1, 10_000_000);
   const workers = integer(
     "workers",
     values.workers,
-    Math.max(cores, Math.ceil((flowsAsked ?? 0) / FLOWS_PER_WORKER)),
+    embeddedDefault ? 1 : Math.max(cores, Math.ceil((flowsAsked ?? 0) / FLOWS_PER_WORKER)),
     1,
     256,
   );
+  const db = values.db ?? env["DATABASE_URL"] ?? null;
+  if (store === "postgres" && db === null && workers > 1) {
+    if (values.workers !== undefined) {
+      throw new ConfigError(
+        `invalid --workers ${workers}: the embedded database serves one connection; use --db for more workers`,
+      );
+    }
+  }
   const maxFlows = flowsAsked ?? workers * FLOWS_PER_WORKER;
   if (maxFlows / workers > FLOWS_PER_WORKER) {
     throw new ConfigError(
@@ -250,7 +260,6 @@ export function parseServeArgs(
       } (${FLOWS_PER_WORKER} each); add --workers`,
     );
   }
-  const db = values.db ?? env["DATABASE_URL"] ?? null;
   if (db !== null && !/^postgres(ql)?:\/\//.test(db)) {
     throw new ConfigError(`invalid --db "${db}": expected a postgres:// URL`);
   }

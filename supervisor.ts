@@ -12,13 +12,11 @@
  */
 import net from "node:net";
 import dgram from "node:dgram";
-import type { ListenSpec, ServeConfig } from "./config.ts";
+import { ConfigError, type ListenSpec, type ServeConfig } from "./config.ts";
 import { log } from "./log.ts";
 import { renderMetrics, type WorkerMetrics } from "./metrics.ts";
-import { openConfiguredStorage, type OpenedStorage } from "./storage/cli.ts";
-
-/** Bindings are swept from the store this often. */
-const SWEEP_INTERVAL_MS = 30_000;
+import { type Embedded, startEmbedded } from "./storage/embedded.ts";
+import { openStorage } from "./storage/open.ts";
 /** A worker that does not stop within this after SIGTERM is killed. */
 const DRAIN_TIMEOUT_MS = 10_000;
 
@@ -34,6 +32,8 @@ export interface WorkerSpec {
   readonly dbPool: number;
   /** The digest nonce secret, hex, shared by all workers so any of them accepts any nonce. */
   readonly secret: string;
+  /** Whether this worker sweeps expired bindings from the database (one worker does). */
+  readonly sweep: boolean;
 }
 
 /** A worker's line on stdout. */
@@ -60,23 +60,47 @@ function selfCommand(): string[] {
     : [];
 }
 
-/** Port 0 means "any": pick one free port for both UDP and TCP so every worker binds the same. */
+/**
+ * Checks that every address is free (a second citysip on the same port would otherwise share it
+ * silently through SO_REUSEPORT), and turns port 0 into one free port per host, the same for UDP and
+ * TCP, so every worker binds the same.
+ */
 async function resolvePorts(listen: readonly ListenSpec[]): Promise<ListenSpec[]> {
   const chosen = new Map<string, number>();
   const out: ListenSpec[] = [];
   for (const spec of listen) {
-    if (spec.port !== 0) {
-      out.push(spec);
-      continue;
-    }
-    let port = chosen.get(spec.host);
+    let port = spec.port === 0 ? chosen.get(spec.host) : spec.port;
     if (port === undefined) {
       port = await freePort(spec.host);
       chosen.set(spec.host, port);
+    } else if (!(await probe(spec.transport, spec.host, port))) {
+      throw new ConfigError(
+        `cannot listen on ${spec.transport}:${spec.host}:${port}: address in use or not available`,
+      );
     }
     out.push({ ...spec, port });
   }
   return out;
+}
+
+/** Binds and releases a socket: true if the address was free. */
+async function probe(transport: "udp" | "tcp", host: string, port: number): Promise<boolean> {
+  if (transport === "tcp") {
+    const server = net.createServer();
+    const ok = await new Promise<boolean>((resolve) => {
+      server.once("error", () => resolve(false));
+      server.listen({ host, port }, () => resolve(true));
+    });
+    if (ok) await new Promise((r) => server.close(r));
+    return ok;
+  }
+  const udp = dgram.createSocket(host.includes(":") ? "udp6" : "udp4");
+  const ok = await new Promise<boolean>((resolve) => {
+    udp.once("error", () => resolve(false));
+    udp.bind(port, host, () => resolve(true));
+  });
+  if (ok) await new Promise<void>((r) => udp.close(() => r()));
+  return ok;
 }
 
 async function freePort(host: string): Promise<number> {
@@ -85,19 +109,12 @@ async function freePort(host: string): Promise<number> {
     const port = await new Promise<number>((resolve, reject) => {
       server.once("error", reject);
       server.listen({ host, port: 0 }, () => resolve((server.address() as net.AddressInfo).port));
-    });
-    const udp = dgram.createSocket(host.includes(":") ? "udp6" : "udp4");
-    const udpFree = await new Promise<boolean>((resolve) => {
-      udp.once("error", () => resolve(false));
-      udp.bind(port, host, () => resolve(true));
-    });
+    }).catch(() => 0);
     await new Promise((r) => server.close(r));
-    if (udpFree) {
-      await new Promise<void>((r) => udp.close(() => r()));
-      return port;
-    }
+    if (port === 0) break;
+    if (await probe("udp", host, port)) return port;
   }
-  throw new Error(`Cannot find a free port on ${host}`);
+  throw new ConfigError(`cannot listen on ${host}: no free port, or the address is not local`);
 }
 
 function hex(bytes: Uint8Array): string {
@@ -107,12 +124,32 @@ function hex(bytes: Uint8Array): string {
 /** Runs the supervisor until SIGINT/SIGTERM. `udpShared` says whether every worker may bind UDP. */
 export async function runSupervisor(config: ServeConfig, udpShared: boolean): Promise<void> {
   const listen = await resolvePorts(config.listen);
-  let storage: OpenedStorage | null = null;
-  if (config.store === "postgres") storage = await openConfiguredStorage(config);
-  else if (config.workers > 1) {
+  // The supervisor migrates and then holds no connection: the embedded engine serves exactly one,
+  // which the (single) worker uses.
+  let embedded: Embedded | null = null;
+  let dbUrl: string | null = null;
+  if (config.store === "postgres") {
+    if (config.db === null) {
+      log.info("starting embedded PostgreSQL (PGlite); the first open takes a few seconds", {
+        dataDir: config.dataDir,
+      });
+      embedded = await startEmbedded({ dataDir: config.dataDir });
+      log.info("embedded PostgreSQL ready", { openMs: Math.round(embedded.timings.openMs) });
+    }
+    dbUrl = embedded?.url ?? config.db;
+    try {
+      const storage = await openStorage(dbUrl!, { max: 1 });
+      if (storage.migrated.length > 0) {
+        log.info("migrated", { versions: storage.migrated.join(",") });
+      }
+      await storage.close();
+    } catch (error) {
+      await embedded?.stop();
+      throw error;
+    }
+  } else if (config.workers > 1) {
     log.warn("--store memory with several workers: each worker keeps its own bindings");
   }
-  const dbUrl = storage === null ? null : (storage.embedded?.url ?? config.db);
   const secret = hex(crypto.getRandomValues(new Uint8Array(32)));
   const command = selfCommand();
   const workers: (Running | null)[] = new Array(config.workers).fill(null);
@@ -123,8 +160,9 @@ export async function runSupervisor(config: ServeConfig, udpShared: boolean): Pr
     config: { ...config, listen },
     listen: udpShared || id === 0 ? listen : listen.filter((l) => l.transport === "tcp"),
     dbUrl,
-    dbPool: storage?.embedded ? 1 : Math.max(2, Math.ceil(10 / config.workers)),
+    dbPool: embedded ? 1 : Math.max(2, Math.ceil(10 / config.workers)),
     secret,
+    sweep: id === 0,
   });
 
   async function start(id: number, restarts: number): Promise<void> {
@@ -164,11 +202,15 @@ export async function runSupervisor(config: ServeConfig, udpShared: boolean): Pr
         }
       }
     })().catch(() => {});
+    let isReady = false;
     child.status.then((status) => {
       for (const w of running.waiting.splice(0)) w(null);
-      ready.reject(new Error(`worker ${id} exited with ${status.code} before it was ready`));
       if (stopping || workers[id] !== running) return;
       workers[id] = null;
+      if (!isReady && restarts === 0) {
+        ready.reject(new Error(`worker ${id} exited with ${status.code} while starting`));
+        return;
+      }
       const delay = Math.min(5000, 100 * 2 ** Math.min(restarts, 6));
       log.error("worker died; starting it again", {
         worker: id,
@@ -177,14 +219,11 @@ export async function runSupervisor(config: ServeConfig, udpShared: boolean): Pr
         delayMs: delay,
       });
       setTimeout(() => {
-        if (!stopping) {
-          start(id, restarts + 1).catch((error) =>
-            log.error("worker restart failed", { worker: id, error })
-          );
-        }
+        if (!stopping) start(id, restarts + 1).catch(() => {});
       }, delay);
     });
     await ready.promise;
+    isReady = true;
     if (restarts > 0) log.info("worker restarted", { worker: id, pid: child.pid });
   }
 
@@ -193,7 +232,7 @@ export async function runSupervisor(config: ServeConfig, udpShared: boolean): Pr
   } catch (error) {
     stopping = true;
     for (const w of workers) if (w) tryKill(w.child, "SIGKILL");
-    await storage?.close();
+    await embedded?.stop();
     throw error;
   }
   for (const spec of listen) {
@@ -204,12 +243,6 @@ export async function runSupervisor(config: ServeConfig, udpShared: boolean): Pr
       workers: config.workers,
     });
   }
-
-  const sweep = storage === null ? undefined : setInterval(() => {
-    storage!.locations.sweep(Date.now()).catch((error) =>
-      log.warn("expiry sweep failed", { error })
-    );
-  }, SWEEP_INTERVAL_MS);
 
   async function collect(): Promise<WorkerMetrics[]> {
     const all = await Promise.all(workers.map((w) => {
@@ -249,7 +282,6 @@ export async function runSupervisor(config: ServeConfig, udpShared: boolean): Pr
   const signal = await stopped;
   stopping = true;
   log.info("stopping", { signal });
-  clearInterval(sweep);
   await Promise.all(workers.map(async (w) => {
     if (w === null) return;
     tryKill(w.child, "SIGTERM");
@@ -258,7 +290,7 @@ export async function runSupervisor(config: ServeConfig, udpShared: boolean): Pr
     clearTimeout(timer);
   }));
   await metrics?.shutdown();
-  await storage?.close();
+  await embedded?.stop();
   log.info("stopped");
 }
 

@@ -23,6 +23,9 @@ import type { SubscriberStore } from "./storage/subscriber_store.ts";
 import { DigestAuthenticator } from "./stages/auth.ts";
 import type { WorkerMessage, WorkerSpec } from "./supervisor.ts";
 
+/** Expired bindings are swept from the store this often. */
+const SWEEP_INTERVAL_MS = 30_000;
+
 /** A running worker. */
 export interface Worker {
   readonly id: number;
@@ -173,14 +176,28 @@ export async function runWorkerProcess(
       algorithms: spec.config.digestAlgorithms,
     })
     : null;
-  const worker = await startWorker({
-    id: spec.id,
-    config: spec.config,
-    store,
-    auth,
-    listen: spec.listen,
-    ...(udpTransport ? { listenUdp: udpTransport } : {}),
-  });
+  let worker: Worker;
+  try {
+    worker = await startWorker({
+      id: spec.id,
+      config: spec.config,
+      store,
+      auth,
+      listen: spec.listen,
+      ...(udpTransport ? { listenUdp: udpTransport } : {}),
+    });
+  } catch (error) {
+    log.error("cannot start", { error });
+    await store.close();
+    await closeStorage();
+    Deno.exit(1);
+  }
+  // Expired bindings are never returned (stores filter them); the sweep only frees their space.
+  const sweep = spec.sweep || spec.dbUrl === null
+    ? setInterval(() => {
+      store.sweep(Date.now()).catch((error) => log.warn("expiry sweep failed", { error }));
+    }, SWEEP_INTERVAL_MS)
+    : undefined;
   const out = Deno.stdout;
   const encoder = new TextEncoder();
   const say = (msg: WorkerMessage) => out.writeSync(encoder.encode(JSON.stringify(msg) + "\n"));
@@ -232,6 +249,7 @@ export async function runWorkerProcess(
     stop.resolve();
   })().catch(() => stop.resolve());
   await stop.promise;
+  clearInterval(sweep);
   await worker.close();
   await store.close();
   await closeStorage();
