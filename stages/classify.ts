@@ -73,7 +73,7 @@ export function createClassifyStage(options: ClassifyOptions): Stage<Inbound> {
         }
       }
       inbound.flow?.requestStarted();
-      if (!registrar.offer(inbound)) {
+      if (!registrar.offer(inbound, cls === 1)) {
         inbound.flow?.requestDone();
         refuse(inbound, registrar.queueDelayMs());
       }

@@ -126,7 +126,43 @@ const now = (): number => performance.now();
 /** How fast the remembered queue wait fades without new samples. */
 const WAIT_HALF_LIFE_MS = 100;
 
-/** One stage: a bounded queue, a worker set and its counters. */
+/** A bounded FIFO of items with their enqueue times (the picture in the module docs). */
+class Ring<T> {
+  readonly #items: (T | undefined)[];
+  readonly #at: Float64Array;
+  head = 0;
+  size = 0;
+
+  constructor(readonly capacity: number) {
+    this.#items = new Array<T | undefined>(capacity);
+    this.#at = new Float64Array(capacity);
+  }
+
+  push(item: T, at: number): void {
+    const slot = (this.head + this.size) % this.capacity;
+    this.#items[slot] = item;
+    this.#at[slot] = at;
+    this.size++;
+  }
+
+  /** Enqueue time of the oldest item (call only when size > 0). */
+  headAt(): number {
+    return this.#at[this.head]!;
+  }
+
+  shift(): T {
+    const item = this.#items[this.head] as T;
+    this.#items[this.head] = undefined;
+    this.head = (this.head + 1) % this.capacity;
+    this.size--;
+    return item;
+  }
+}
+
+/**
+ * One stage: a bounded queue, a worker set and its counters. The queue has two lanes: urgent items
+ * (work that ends work: ACK, CANCEL, BYE) are served before normal ones and have their own bound.
+ */
 export class Stage<T> {
   readonly name: string;
   readonly capacity: number;
@@ -142,10 +178,8 @@ export class Stage<T> {
   readonly #handler: (item: T) => void | Promise<void>;
   readonly #onError: (error: unknown, stage: string) => void;
   readonly #budgetMs: number;
-  readonly #items: (T | undefined)[];
-  readonly #enqueuedAt: Float64Array;
-  #head = 0;
-  #size = 0;
+  readonly #normal: Ring<T>;
+  readonly #urgent: Ring<T>;
   #inFlight = 0;
   #scheduled = false;
   #draining = false;
@@ -166,8 +200,12 @@ export class Stage<T> {
     this.#budgetMs = options.budgetMs ?? 4;
     this.#handler = options.handler;
     this.#onError = options.onError ?? (() => {});
-    this.#items = new Array<T | undefined>(options.capacity);
-    this.#enqueuedAt = new Float64Array(options.capacity);
+    this.#normal = new Ring<T>(options.capacity);
+    this.#urgent = new Ring<T>(Math.max(16, options.capacity >> 3));
+  }
+
+  get #size(): number {
+    return this.#normal.size + this.#urgent.size;
   }
 
   /** Items waiting. */
@@ -180,14 +218,14 @@ export class Stage<T> {
     return this.#inFlight;
   }
 
-  /** Free queue slots. */
+  /** Free slots in the normal lane. */
   get free(): number {
-    return this.capacity - this.#size;
+    return this.capacity - this.#normal.size;
   }
 
-  /** How long the oldest waiting item has waited, in milliseconds (0 when none waits). */
+  /** How long the oldest normal item has waited, in milliseconds (0 when none waits). */
   headAgeMs(at: number = now()): number {
-    return this.#size === 0 ? 0 : at - this.#enqueuedAt[this.#head]!;
+    return this.#normal.size === 0 ? 0 : at - this.#normal.headAt();
   }
 
   /**
@@ -203,10 +241,11 @@ export class Stage<T> {
   }
 
   /**
-   * Offers an item. Returns false when the queue is full: the item is counted as dropped with reason
-   * `queue-full` and the caller decides what to answer (503, pause the flow, drop the datagram).
+   * Offers an item; `urgent` ones are served first. Returns false when its lane is full: the item is
+   * counted as dropped with reason `queue-full` and the caller decides what to answer (503, pause the
+   * flow, drop the datagram).
    */
-  offer(item: T): boolean {
+  offer(item: T, urgent = false): boolean {
     this.arrivals++;
     if (this.mode === "inline" && this.#size === 0 && this.#inFlight < this.concurrency) {
       this.admitted++;
@@ -214,15 +253,13 @@ export class Stage<T> {
       this.#run(item);
       return true;
     }
-    if (this.#size >= this.capacity) {
+    const lane = urgent ? this.#urgent : this.#normal;
+    if (lane.size >= lane.capacity) {
       this.drop("queue-full");
       return false;
     }
     this.admitted++;
-    const slot = (this.#head + this.#size) % this.capacity;
-    this.#items[slot] = item;
-    this.#enqueuedAt[slot] = now();
-    this.#size++;
+    lane.push(item, now());
     this.#schedule();
     return true;
   }
@@ -283,12 +320,9 @@ export class Stage<T> {
     while (this.#size > 0 && this.#inFlight < this.concurrency) {
       const t = now();
       if (deferred && t - start >= this.#budgetMs) break;
-      const slot = this.#head;
-      const item = this.#items[slot] as T;
-      const waitMs = t - this.#enqueuedAt[slot]!;
-      this.#items[slot] = undefined;
-      this.#head = (this.#head + 1) % this.capacity;
-      this.#size--;
+      const lane = this.#urgent.size > 0 ? this.#urgent : this.#normal;
+      const waitMs = t - lane.headAt();
+      const item = lane.shift();
       this.#waitEwmaMs = this.#recentWait(t) + (waitMs - this.#recentWait(t)) * 0.05;
       this.#waitAt = t;
       this.queueWait.observe(waitMs / 1000);
