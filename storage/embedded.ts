@@ -1,13 +1,17 @@
 /**
  * The embedded default when no database URL is given: PGlite (PostgreSQL compiled to WASM) with its
- * data in a directory, served on 127.0.0.1 by pglite-socket, so that the same postgres.js code reaches
- * it as reaches a PostgreSQL server.
+ * data in a directory, served on 127.0.0.1 over the PostgreSQL wire protocol, so that the same
+ * postgres.js code reaches it as reaches a PostgreSQL server.
  *
  * Limits to know:
- * - One connection. PGlite is single-session; pglite-socket's multiplexer (`maxConnections` > 1)
- *   interleaves clients at protocol-message granularity, outside explicit transactions too, which
- *   postgres.js's pipelined extended protocol does not survive safely. So the server accepts one
- *   connection and the client pool must use `max: 1` (see {@link Embedded.maxConnections}).
+ * - PGlite is one backend session. pglite-socket's server (`server: "pglite-socket"`) accepts one
+ *   connection by default, and with `maxConnections` > 1 its multiplexer interleaves clients message by
+ *   message, which postgres.js's extended protocol does not survive ("portal does not exist"; a
+ *   second pool connection against the default limit hangs until the connect timeout). The default
+ *   server here (`"mux"`, {@link PgliteMux}) hands the engine over only between whole protocol units
+ *   and outside transactions, so any number of processes may connect (the supervisor and every
+ *   worker); the engine still runs one statement at a time, so each client's pool should be 1.
+ * - Startup parameters (search_path, idle_in_transaction_session_timeout) are not applied.
  * - PGlite runs with fsync off: committed data survives a killed process (the OS has it), not a power
  *   loss. Production uses a PostgreSQL server.
  * - The first open of a new data directory takes seconds; later opens about a second.
@@ -16,6 +20,7 @@
  */
 import { PGlite } from "@electric-sql/pglite";
 import { PGLiteSocketServer } from "@electric-sql/pglite-socket";
+import { PgliteMux } from "./_pglite_mux.ts";
 import { join } from "node:path";
 import { homedir } from "node:os";
 
@@ -31,13 +36,19 @@ export interface EmbeddedOptions {
    * @default {0}
    */
   readonly port?: number;
+  /**
+   * Which wire-protocol server: `"mux"` (several clients, see the module doc) or pglite-socket's
+   * `PGLiteSocketServer` with one connection.
+   * @default {"mux"}
+   */
+  readonly server?: "mux" | "pglite-socket";
 }
 
 /** A running embedded database. */
 export interface Embedded {
   /** postgres.js URL of the embedded server. */
   readonly url: string;
-  /** The pool size clients must use: 1. */
+  /** The pool size each client should use: 1 (the engine runs one statement at a time). */
   readonly maxConnections: 1;
   /** The data directory in use. */
   readonly dataDir: string;
@@ -60,20 +71,29 @@ export async function startEmbedded(options: EmbeddedOptions = {}): Promise<Embe
   await Deno.mkdir(dataDir, { recursive: true });
   const db = await PGlite.create({ dataDir });
   const t1 = performance.now();
-  const server = new PGLiteSocketServer({
-    db,
-    host: "127.0.0.1",
-    port: options.port ?? 0,
-    maxConnections: 1,
-  });
+  let port: number;
+  let stopServer: () => Promise<void>;
   try {
-    await server.start();
+    if ((options.server ?? "mux") === "mux") {
+      const mux = new PgliteMux(db);
+      port = await mux.listen(options.port ?? 0, "127.0.0.1");
+      stopServer = () => mux.close();
+    } else {
+      const server = new PGLiteSocketServer({
+        db,
+        host: "127.0.0.1",
+        port: options.port ?? 0,
+        maxConnections: 1,
+      });
+      await server.start();
+      port = Number(server.getServerConn().split(":").pop());
+      stopServer = () => server.stop();
+    }
   } catch (err) {
     await db.close();
     throw err;
   }
   const t2 = performance.now();
-  const port = Number(server.getServerConn().split(":").pop());
   let stopped: Promise<void> | undefined;
   return {
     url: `postgres://postgres@127.0.0.1:${port}/postgres`,
@@ -82,7 +102,7 @@ export async function startEmbedded(options: EmbeddedOptions = {}): Promise<Embe
     timings: { openMs: t1 - t0, listenMs: t2 - t1 },
     stop() {
       stopped ??= (async () => {
-        await server.stop();
+        await stopServer();
         await db.close();
       })();
       return stopped;

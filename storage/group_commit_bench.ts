@@ -7,7 +7,8 @@
  * (server) or data directory (embedded).
  *
  * ```sh
- * deno run -A storage/group_commit_bench.ts [--db URL] [--embedded] [--rounds 20] [--json]
+ * deno run -A storage/group_commit_bench.ts [--db URL] [--embedded [--embedded-server mux|pglite-socket]]
+ *   [--rounds 20] [--json]
  * ```
  *
  * @module
@@ -137,6 +138,7 @@ if (import.meta.main) {
     options: {
       db: { type: "string", default: "postgres://postgres@127.0.0.1:5432/test" },
       embedded: { type: "boolean", default: false },
+      "embedded-server": { type: "string", default: "mux" },
       rounds: { type: "string", default: "20" },
       json: { type: "boolean", default: false },
     },
@@ -147,7 +149,8 @@ if (import.meta.main) {
     const options = { locations: { maxBatchSize: batch, batchWindowMs: 2 } };
     if (values.embedded) {
       const dataDir = await Deno.makeTempDir({ prefix: "citysip-bench-" });
-      const embedded = await startEmbedded({ dataDir });
+      const server = values["embedded-server"] === "pglite-socket" ? "pglite-socket" : "mux";
+      const embedded = await startEmbedded({ dataDir, server });
       const storage = await openStorage(embedded.url, { ...options, max: 1 });
       try {
         all.push(...await measure(storage, "embedded", batch, rounds));

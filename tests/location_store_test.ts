@@ -4,7 +4,9 @@
  */
 import assert from "node:assert/strict";
 import { createServer, type Server, Socket } from "node:net";
+import { PGlite } from "@electric-sql/pglite";
 import postgres from "postgres";
+import { PgliteMux } from "../storage/_pglite_mux.ts";
 import { MemoryLocationStore } from "../storage/memory.ts";
 import { migrate } from "../storage/migrate.ts";
 import { connect, openStorage } from "../storage/open.ts";
@@ -64,18 +66,27 @@ Deno.test({
     let embedded: Embedded | undefined;
     try {
       embedded = await startEmbedded({ dataDir });
-      // One connection only (see embedded.ts). PGlite ignores startup parameters such as
-      // search_path, so the steps share the public schema and start from an empty table.
+      // PGlite ignores startup parameters such as search_path, so the steps share the public
+      // schema and start from an empty table.
       const storage = await openStorage(embedded.url, { max: 1 });
       try {
         await locationStoreSuite(t, async () => {
           await storage.sql`TRUNCATE locations`;
           const store = new PostgresLocationStore(storage.sql);
+          const peers: { close(): Promise<void> }[] = [];
           return {
             store,
             stats: () => store.stats(),
-            peer: () => Promise.resolve(new PostgresLocationStore(storage.sql)),
-            close: () => store.close(),
+            // Another process's connection: the embedded server takes several clients.
+            async peer() {
+              const other = await openStorage(embedded!.url, { max: 1, migrate: false });
+              peers.push(other);
+              return other.locations;
+            },
+            async close() {
+              for (const p of peers) await p.close();
+              await store.close();
+            },
           };
         });
       } finally {
@@ -315,3 +326,68 @@ serverTest(
     }
   },
 );
+
+Deno.test({
+  name: "the embedded server multiplexes clients by whole protocol units and transactions",
+  sanitizeOps: false,
+  sanitizeResources: false,
+  async fn(t) {
+    const db = await PGlite.create();
+    const mux = new PgliteMux(db);
+    const port = await mux.listen(0, "127.0.0.1");
+    const url = `postgres://postgres@127.0.0.1:${port}/postgres`;
+    const clients = Array.from({ length: 4 }, () => connect(url, { max: 2 }));
+    const sql = (i: number) => clients[i % clients.length]!.sql;
+    try {
+      await sql(0)`CREATE TABLE t (id int PRIMARY KEY)`;
+      await t.step("concurrent transactions and pipelined queries of 8 connections", async () => {
+        const results = await Promise.allSettled(
+          Array.from({ length: 200 }, (_, i) =>
+            sql(i).begin(async (tx) => {
+              await tx`INSERT INTO t VALUES (${i})`;
+              const [row] = await tx`SELECT count(*)::int AS n FROM t WHERE id = ${i}`;
+              assert.equal(row!.n, 1);
+              const [a, b] = await Promise.all([
+                tx`SELECT ${i}::int AS x`,
+                tx`SELECT ${-i - 1}::int AS x`,
+              ]);
+              assert.deepEqual([a[0]!.x, b[0]!.x], [i, -i - 1]);
+            })),
+        );
+        assert.deepEqual(results.filter((r) => r.status === "rejected"), []);
+        const [row] = await sql(1)`SELECT count(*)::int AS n FROM t`;
+        assert.equal(row!.n, 200);
+      });
+      await t.step(
+        "a client holding a transaction blocks others until it ends or dies",
+        async () => {
+          const holder = connect(url, { max: 1 });
+          const conn = await holder.sql.reserve();
+          await conn`BEGIN`;
+          await conn`INSERT INTO t VALUES (1000)`;
+          let done = false;
+          const other = sql(2)`INSERT INTO t VALUES (1001)`.then(() => done = true);
+          await new Promise((r) => setTimeout(r, 100));
+          assert.equal(done, false);
+          holder.dropConnections(); // dies inside its transaction: rolled back
+          await other;
+          const rows = await sql(3)`SELECT id FROM t WHERE id >= 1000 ORDER BY id`;
+          assert.deepEqual(rows.map((r) => r.id), [1001]);
+          await holder.sql.end({ timeout: 0 });
+        },
+      );
+      await t.step(
+        "an error inside an extended-protocol unit leaves the engine usable",
+        async () => {
+          await assert.rejects(sql(0)`SELECT 1 / ${0}::int`);
+          const [row] = await sql(1)`SELECT 2 AS x`;
+          assert.equal(row!.x, 2);
+        },
+      );
+    } finally {
+      await Promise.all(clients.map((c) => c.sql.end({ timeout: 1 })));
+      await mux.close();
+      await db.close();
+    }
+  },
+});
