@@ -121,6 +121,20 @@ class Tally {
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
+/**
+ * Next source port per source address for held flows. bind() with port 0 scans the port
+ * range in the kernel and slows to ~1 ms per connection beyond a few thousand sockets on one
+ * address; naming the port is a hash lookup. Ports 1025-32767 are outside the kernel's
+ * ephemeral range, so the kernel's own choices rarely collide with ours.
+ */
+const portCursor = new Map<string, number>();
+function nextLocalPort(addr: string): number {
+  let p = portCursor.get(addr) ?? 1025 + Math.floor(Math.random() * 1000);
+  if (p > 32767) p = 1025;
+  portCursor.set(addr, p + 1);
+  return p;
+}
+
 /** Flows held between commands (`open`, then `refresh`, then `close`). */
 const held: Conn[] = [];
 /** Where responses on held flows go while a refresh runs. */
@@ -130,10 +144,13 @@ function connect(
   host: string,
   port: number,
   local: string | undefined,
+  localPort?: number,
 ): net.Socket {
   const opts: net.NetConnectOpts = local === undefined
     ? { host, port, noDelay: true }
-    : { host, port, localAddress: local, noDelay: true };
+    : localPort === undefined
+    ? { host, port, localAddress: local, noDelay: true }
+    : { host, port, localAddress: local, localPort, noDelay: true };
   const s = net.connect(opts);
   s.setNoDelay(true);
   return s;
@@ -459,7 +476,8 @@ async function open(worker: number, spec: OpenSpec): Promise<OpenResult> {
       const tc = now();
       let ts = 0;
       let done = false;
-      const s = connect(spec.host, spec.port, local);
+      let tries = 0;
+      let s = connect(spec.host, spec.port, local, local ? nextLocalPort(local) : undefined);
       const c: Conn = { sock: s, buf: "", index: held.length, user, open: true };
       const finish = (ok: boolean, err?: string): void => {
         if (done) return;
@@ -477,19 +495,36 @@ async function open(worker: number, spec: OpenSpec): Promise<OpenResult> {
         resolve();
       };
       const timer = setTimeout(() => finish(false, "timeout"), spec.timeoutMs);
-      s.once("connect", () => {
+      const onConnect = (): void => {
         ts = now();
         setup.record((ts - tc) * 1000);
         s.write(
           spec.proto === "sip" ? build(1_000_000_000 + i, user, s.localPort ?? 5060) : `E${i}\n`,
         );
-      });
-      s.on("error", (e: Error) => finish(false, e.message));
-      s.on("close", () => {
+      };
+      const onError = (e: Error & { code?: string }): void => {
+        // A source port still in use (TIME_WAIT of an earlier run): take the next one.
+        if (e.code === "EADDRINUSE" && ts === 0 && local && tries++ < 50 && !done) {
+          s.removeAllListeners();
+          s.destroy();
+          s = connect(spec.host, spec.port, local, nextLocalPort(local));
+          c.sock = s;
+          wire();
+          return;
+        }
+        finish(false, e.message);
+      };
+      const wire = (): void => {
+        s.once("connect", onConnect);
+        s.on("error", onError);
+        s.on("close", onClose);
+        s.on("data", onData);
+      };
+      const onClose = (): void => {
         c.open = false;
         if (!done) finish(false, "closed by peer");
-      });
-      s.on("data", (chunk: Buffer) => {
+      };
+      const onData = (chunk: Buffer): void => {
         c.buf += chunk.toString("latin1");
         if (!done) {
           if (spec.proto === "echo") {
@@ -525,7 +560,8 @@ async function open(worker: number, spec: OpenSpec): Promise<OpenResult> {
             for (const m of messages) heldSink(c, m);
           }
         } else c.buf = "";
-      });
+      };
+      wire();
     });
   const lanes = Array.from(
     { length: Math.max(1, Math.min(spec.concurrency, spec.count)) },

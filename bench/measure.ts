@@ -102,21 +102,37 @@ export function machineCpu(): { busy: number; total: number } {
   return { busy: (total - idle) / CLK_TCK, total: total / CLK_TCK };
 }
 
+/** Pid of the PostgreSQL postmaster (a `postgres` process whose parent is pid 1), or null. */
+export function postgresPid(): number | null {
+  for (const e of Deno.readDirSync("/proc")) {
+    const p = Number(e.name);
+    if (!Number.isInteger(p)) continue;
+    const comm = readText(`/proc/${p}/comm`)?.trim();
+    if (comm === "postgres" && statOf(p)?.ppid === 1) return p;
+  }
+  return null;
+}
+
 /**
  * Measures CPU over an interval: call it at the start, call the result at the end. Gives
- * the server tree's cores in use and the whole machine's busy cores.
+ * the server tree's cores in use, PostgreSQL's (all of it, whoever its clients are) and the
+ * whole machine's busy cores.
  */
 export function cpuMeter(serverPid: number | null): () => CpuUse {
   const t0 = performance.now();
   const s0 = serverPid === null ? 0 : treeCpuSeconds(serverPid);
+  const pg = postgresPid();
+  const p0 = pg === null ? 0 : treeCpuSeconds(pg);
   const m0 = machineCpu();
   return () => {
     const wall = (performance.now() - t0) / 1000;
     const s1 = serverPid === null ? 0 : treeCpuSeconds(serverPid);
+    const p1 = pg === null ? 0 : treeCpuSeconds(pg);
     const m1 = machineCpu();
     const round = (x: number): number => Math.round(x * 100) / 100;
     return {
       server_cores: serverPid === null ? null : round((s1 - s0) / wall),
+      postgres_cores: pg === null ? null : round((p1 - p0) / wall),
       machine_busy_cores: round((m1.busy - m0.busy) / Math.max(1e-9, wall)),
       wall_s: round(wall),
     };
@@ -127,6 +143,8 @@ export function cpuMeter(serverPid: number | null): () => CpuUse {
 export interface CpuUse {
   /** The server's process tree. */
   server_cores: number | null;
+  /** The PostgreSQL server (all its clients, not only ours). */
+  postgres_cores: number | null;
   /** All processes on the machine. */
   machine_busy_cores: number;
   /** Length of the interval, s. */

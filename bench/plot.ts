@@ -54,10 +54,13 @@ export function lineChart(chart: Chart): string {
   const xs = pts.map((p) => p[0]), ys = pts.map((p) => p[1]);
   const xMin = Math.min(0, ...xs), xMax = Math.max(1, ...xs);
   const ty = (v: number): number => (chart.logY ? Math.log10(v) : v);
-  const yLo = chart.logY ? Math.floor(Math.min(...ys.map(ty), 0)) : Math.min(0, ...ys);
+  const yLo = chart.logY
+    ? (ys.length ? Math.floor(Math.min(...ys.map(ty))) : 0)
+    : Math.min(0, ...ys);
   const yHi = chart.logY ? Math.ceil(Math.max(...ys.map(ty), yLo + 1)) : Math.max(1, ...ys) * 1.05;
-  const px = (x: number): number => L + ((x - xMin) / (xMax - xMin || 1)) * (W - L - R);
-  const py = (y: number): number => H - B - ((ty(y) - yLo) / (yHi - yLo || 1)) * (H - T - B);
+  const round = (v: number): number => Math.round(v * 10) / 10;
+  const px = (x: number): number => round(L + ((x - xMin) / (xMax - xMin || 1)) * (W - L - R));
+  const py = (y: number): number => round(H - B - ((ty(y) - yLo) / (yHi - yLo || 1)) * (H - T - B));
   const out: string[] = [
     `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="sans-serif" font-size="12">`,
     `<rect width="${W}" height="${H}" fill="white"/>`,

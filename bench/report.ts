@@ -93,12 +93,20 @@ function lastLevel(c: ConnsOut | null): ConnsLevel | null {
   return null;
 }
 
-function overloadRatio(results: Results, target: string, mode: string): number | null {
+/**
+ * Goodput/capacity at 3x: from our generator's round, unless that round was generator-limited
+ * and SIPp's round at 3x exists (then SIPp's, which offers more load per core).
+ */
+export function overloadRatio(results: Results, target: string, mode: string): number | null {
   const steps = get(results, "overload", target, mode, "steps") as
     | (Round & { factor: number; goodput_ratio: number })[]
     | undefined;
   if (!Array.isArray(steps)) return null;
   const s = steps.find((x) => Math.abs(x.factor - 3) < 1e-9);
+  const sipp = (get(results, "overload", target, mode, "sipp_steps") as
+    | { factor: number; goodput_ratio: number; ok: number }[]
+    | undefined)?.find((x) => Math.abs(x.factor - 3) < 1e-9);
+  if (s && s.generator_limited && sipp && sipp.ok > 0) return sipp.goodput_ratio;
   return s ? s.goodput_ratio : null;
 }
 
@@ -311,6 +319,15 @@ export function plots(results: Results): Record<string, string> {
         good.push({
           name: `${t} ${mode}`,
           points: steps.map((r) => [r.target_rate_per_s ?? r.offered_per_s, r.goodput_per_s]),
+        });
+      }
+      const sipp = get(results, "overload", t, mode, "sipp_steps") as
+        | { target_rate_per_s: number; rate_per_s: number }[]
+        | undefined;
+      if (Array.isArray(sipp) && sipp.length) {
+        good.push({
+          name: `${t} ${mode} (SIPp)`,
+          points: sipp.map((r) => [r.target_rate_per_s, r.rate_per_s]),
         });
       }
     }
