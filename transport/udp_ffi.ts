@@ -1,0 +1,379 @@
+/**
+ * SIP over UDP (RFC 3261 §18) on a socket opened through libc by FFI, so that several worker
+ * processes can share one UDP port with `SO_REUSEPORT` (the kernel spreads datagrams over the
+ * sockets by a hash of the 4-tuple). Deno's own datagram APIs cannot do that: `Deno.listenDatagram`
+ * with `reuseAddress` hands every datagram to the last binder, and `node:dgram` ignores `reusePort`.
+ *
+ * Receiving: the socket is blocking; one `recvmmsg(…, 64, MSG_WAITFORONE)` at a time runs as a
+ * `nonblocking` FFI call on a thread of Deno's blocking pool (the event loop never waits on it), and
+ * when it returns a batch, more batches are drained synchronously with `MSG_DONTWAIT` (a cheap call
+ * on the main thread that never blocks) before the next threaded wait. Sending is a synchronous
+ * `sendto(…, MSG_DONTWAIT)`: a full send buffer (`EAGAIN`) is a drop, counted in `sendErrors`.
+ * `close()` shuts the socket down, which wakes the pending receive, and closes the descriptor after
+ * that receive has returned (so the descriptor number is never reused under a call in flight).
+ *
+ * Needs `--allow-ffi` (or `--allow-all`); Deno 2.9.6 needs no `--unstable-ffi` for `Deno.dlopen`.
+ * Linux x86_64/aarch64 only (struct layouts, constants, `libc.so.6`).
+ *
+ * @module
+ */
+import { lookup } from "node:dns/promises";
+import type { Source } from "../sip/message.ts";
+import type { UdpTransport } from "./udp.ts";
+
+export type { UdpTransport } from "./udp.ts";
+
+const AF_INET = 2;
+const AF_INET6 = 10;
+const SOCK_DGRAM = 2;
+const SOCK_CLOEXEC = 0x80000;
+const SOL_SOCKET = 1;
+const SO_REUSEADDR = 2;
+const SO_SNDBUF = 7;
+const SO_RCVBUF = 8;
+const SO_REUSEPORT = 15;
+const SHUT_RDWR = 2;
+const MSG_DONTWAIT = 0x40;
+const MSG_NOSIGNAL = 0x4000;
+const MSG_WAITFORONE = 0x10000;
+const EINTR = 4;
+const EAGAIN = 11;
+
+/** Datagrams per `recvmmsg` call. */
+const BATCH = 64;
+/** Bytes per receive slot: the largest UDP payload fits, so nothing is ever truncated. */
+const SLOT = 65536;
+/** Room for a `sockaddr_in6` (28 bytes), rounded up. */
+const NAME = 32;
+/** `sizeof(struct mmsghdr)` on LP64 Linux: a 56-byte `msghdr`, the `msg_len`, padding. */
+const MMSGHDR = 64;
+/** Synchronous batches drained after each threaded wait before yielding to the event loop. */
+const DRAIN_BATCHES = 8;
+/** Kernel buffer sizes asked for (the kernel caps them at net.core.[rw]mem_max). */
+const RCVBUF = 4 << 20;
+const SNDBUF = 1 << 20;
+/** Encoded destination addresses kept for `send`; the cache is emptied when it reaches this size. */
+const DEST_CACHE = 4096;
+
+const SYMBOLS = {
+  socket: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  setsockopt: { parameters: ["i32", "i32", "i32", "buffer", "u32"], result: "i32" },
+  bind: { parameters: ["i32", "buffer", "u32"], result: "i32" },
+  getsockname: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
+  inet_pton: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
+  recvmmsg: { parameters: ["i32", "pointer", "u32", "i32", "pointer"], result: "i32" },
+  recvmmsg_wait: {
+    name: "recvmmsg",
+    parameters: ["i32", "pointer", "u32", "i32", "pointer"],
+    result: "i32",
+    nonblocking: true,
+  },
+  sendto: { parameters: ["i32", "buffer", "usize", "i32", "buffer", "u32"], result: "i32" },
+  shutdown: { parameters: ["i32", "i32"], result: "i32" },
+  close: { parameters: ["i32"], result: "i32" },
+  __errno_location: { parameters: [], result: "pointer" },
+} as const satisfies Deno.ForeignLibraryInterface;
+
+type Libc = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
+
+let libc: { symbols: Libc; errno: () => number } | undefined;
+
+/** Opens libc once per isolate; `errno` reads this (main) thread's errno after a synchronous call. */
+function openLibc(): { symbols: Libc; errno: () => number } {
+  if (libc) return libc;
+  const lib = Deno.dlopen("libc.so.6", SYMBOLS);
+  const where = lib.symbols.__errno_location();
+  if (where === null) throw new Error("udp_ffi: __errno_location returned NULL");
+  const view = new Deno.UnsafePointerView(where);
+  libc = { symbols: lib.symbols, errno: () => view.getInt32(0) };
+  return libc;
+}
+
+/** Text of an IPv4 address (4 bytes at `at`). */
+function formatIPv4(b: Uint8Array, at: number): string {
+  return `${b[at]}.${b[at + 1]}.${b[at + 2]}.${b[at + 3]}`;
+}
+
+/**
+ * Text of an IPv6 address (16 bytes at `at`) in RFC 5952 form: lower-case hex, the longest run of
+ * two or more zero groups as `::` (the first of equal runs), IPv4-mapped as `::ffff:a.b.c.d`.
+ */
+function formatIPv6(b: Uint8Array, at: number): string {
+  const groups: number[] = [];
+  for (let i = 0; i < 8; i++) groups.push((b[at + 2 * i]! << 8) | b[at + 2 * i + 1]!);
+  if (groups[0] === 0 && groups[1] === 0 && groups[2] === 0 && groups[3] === 0 && groups[4] === 0) {
+    if (groups[5] === 0xffff) return `::ffff:${formatIPv4(b, at + 12)}`;
+  }
+  let bestAt = -1;
+  let bestLen = 1;
+  for (let i = 0; i < 8;) {
+    if (groups[i] !== 0) {
+      i++;
+      continue;
+    }
+    let j = i;
+    while (j < 8 && groups[j] === 0) j++;
+    if (j - i > bestLen) {
+      bestAt = i;
+      bestLen = j - i;
+    }
+    i = j;
+  }
+  const hex = (from: number, to: number) =>
+    groups.slice(from, to).map((g) => g.toString(16)).join(":");
+  if (bestAt < 0) return hex(0, 8);
+  return `${hex(0, bestAt)}::${hex(bestAt + bestLen, 8)}`;
+}
+
+const encoder = new TextEncoder();
+
+/** Encodes `address`:`port` as a `sockaddr_in` or `sockaddr_in6`, or returns null if not an IP literal. */
+function encodeSockaddr(
+  lib: Libc,
+  family: number,
+  address: string,
+  port: number,
+): Uint8Array | null {
+  const text = encoder.encode(`${address}\0`);
+  if (family === AF_INET) {
+    const sa = new Uint8Array(16);
+    if (lib.inet_pton(AF_INET, text, sa.subarray(4, 8)) !== 1) return null;
+    sa[0] = AF_INET; // sin_family, little-endian u16
+    sa[2] = port >> 8; // sin_port, network order
+    sa[3] = port & 0xff;
+    return sa;
+  }
+  const sa = new Uint8Array(28);
+  const addr = sa.subarray(8, 24);
+  if (lib.inet_pton(AF_INET6, text, addr) !== 1) {
+    // An IPv4 peer of a dual-stack socket: send to its IPv4-mapped address.
+    if (lib.inet_pton(AF_INET, text, addr.subarray(12, 16)) !== 1) return null;
+    addr[10] = 0xff;
+    addr[11] = 0xff;
+  }
+  sa[0] = AF_INET6;
+  sa[2] = port >> 8;
+  sa[3] = port & 0xff;
+  return sa;
+}
+
+/** An IP literal for `host`: as given, or the first address a name resolves to. */
+async function literalFor(host: string): Promise<{ address: string; family: number }> {
+  const bare = host.startsWith("[") && host.endsWith("]") ? host.slice(1, -1) : host;
+  if (bare.includes(":")) return { address: bare, family: AF_INET6 };
+  if (/^\d{1,3}(\.\d{1,3}){3}$/.test(bare)) return { address: bare, family: AF_INET };
+  const found = await lookup(bare);
+  return { address: found.address, family: found.family === 6 ? AF_INET6 : AF_INET };
+}
+
+/** Throws an error that names the failed call, the errno and the address. */
+function fail(call: string, errno: number, host: string, port: number): never {
+  const names: Record<number, string> = {
+    1: "EPERM",
+    13: "EACCES",
+    22: "EINVAL",
+    97: "EAFNOSUPPORT",
+    98: "EADDRINUSE",
+    99: "EADDRNOTAVAIL",
+  };
+  const code = names[errno] ?? `errno ${errno}`;
+  const error = new Error(`udp_ffi: ${call} ${host}:${port} failed: ${code}`);
+  (error as Error & { code: string }).code = code;
+  throw error;
+}
+
+/**
+ * Binds a UDP socket on host:port with `SO_REUSEPORT` (and `SO_REUSEADDR`), so every process of the
+ * same user that binds the same address and port shares its datagrams, and calls `onDatagram` for
+ * each datagram received. Same contract as {@link listenUdp} in `udp.ts`: `send` never throws
+ * (failures and `EAGAIN` drops are counted in `sendErrors`), `close` resolves once the socket is
+ * closed and the port released. An IPv6 host (containing `:`) opens a dual-stack `AF_INET6` socket
+ * (IPv4 peers appear as `::ffff:a.b.c.d`); `host` may also be a name, resolved once.
+ *
+ * Rejects with an error whose `code` is e.g. `EADDRINUSE` when the port is held by a socket without
+ * `SO_REUSEPORT` or by another user.
+ */
+export async function listenUdpReusePort(
+  host: string,
+  port: number,
+  onDatagram: (bytes: Uint8Array, source: Source) => void,
+): Promise<UdpTransport> {
+  const { symbols: lib, errno } = openLibc();
+  const { address, family } = await literalFor(host);
+  const bindAddr = encodeSockaddr(lib, family, address, port);
+  if (bindAddr === null) fail("parse", 22, host, port);
+
+  const fd = lib.socket(family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) fail("socket", errno(), host, port);
+  const int = new Uint8Array(4);
+  const setInt = (option: number, value: number) => {
+    new DataView(int.buffer).setInt32(0, value, true);
+    return lib.setsockopt(fd, SOL_SOCKET, option, int, 4);
+  };
+  if (setInt(SO_REUSEADDR, 1) < 0 || setInt(SO_REUSEPORT, 1) < 0) {
+    const e = errno();
+    lib.close(fd);
+    fail("setsockopt", e, host, port);
+  }
+  setInt(SO_RCVBUF, RCVBUF); // best effort: the kernel caps it
+  setInt(SO_SNDBUF, SNDBUF);
+  if (lib.bind(fd, bindAddr, bindAddr.length) < 0) {
+    const e = errno();
+    lib.close(fd);
+    fail("bind", e, host, port);
+  }
+  const local = new Uint8Array(28);
+  const localLen = new Uint8Array(4);
+  new DataView(localLen.buffer).setUint32(0, local.length, true);
+  lib.getsockname(fd, local, localLen);
+  const localPort = (local[2]! << 8) | local[3]!;
+  const localAddress = family === AF_INET ? formatIPv4(local, 4) : formatIPv6(local, 8);
+
+  // Receive buffers: BATCH slots of data, addresses, iovecs and mmsghdrs, wired once.
+  const data = new Uint8Array(BATCH * SLOT);
+  const names = new Uint8Array(BATCH * NAME);
+  const iovs = new Uint8Array(BATCH * 16);
+  const hdrs = new Uint8Array(BATCH * MMSGHDR);
+  const hdrView = new DataView(hdrs.buffer);
+  const iovView = new DataView(iovs.buffer);
+  const dataAt = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(data)));
+  const namesAt = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(names)));
+  const iovsAt = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(iovs)));
+  const hdrsPtr = Deno.UnsafePointer.of(hdrs);
+  for (let i = 0; i < BATCH; i++) {
+    iovView.setBigUint64(i * 16, dataAt + BigInt(i * SLOT), true); // iov_base
+    iovView.setBigUint64(i * 16 + 8, BigInt(SLOT), true); // iov_len
+    const h = i * MMSGHDR;
+    hdrView.setBigUint64(h, namesAt + BigInt(i * NAME), true); // msg_name
+    hdrView.setUint32(h + 8, NAME, true); // msg_namelen
+    hdrView.setBigUint64(h + 16, iovsAt + BigInt(i * 16), true); // msg_iov
+    hdrView.setBigUint64(h + 24, 1n, true); // msg_iovlen
+  }
+
+  const keepAlive: Uint8Array[] = [data, names, iovs, hdrs];
+  let closing = false;
+  let sendErrors = 0;
+  const sourceCache = new Map<number, string>();
+
+  /** Hands the first `count` received datagrams to `onDatagram`. */
+  const dispatch = (count: number) => {
+    for (let i = 0; i < count; i++) {
+      const h = i * MMSGHDR;
+      const length = hdrView.getUint32(h + 56, true); // msg_len
+      const nameLen = hdrView.getUint32(h + 8, true);
+      hdrView.setUint32(h + 8, NAME, true);
+      const n = i * NAME;
+      const peerPort = (names[n + 2]! << 8) | names[n + 3]!;
+      let peer: string;
+      if (nameLen >= 28 && names[n] === AF_INET6) {
+        peer = formatIPv6(names, n + 8);
+      } else {
+        // IPv4 addresses are cached by their 32-bit value: the common case costs a map lookup.
+        const key = ((names[n + 4]! << 24) | (names[n + 5]! << 16) | (names[n + 6]! << 8) |
+          names[n + 7]!) >>> 0;
+        peer = sourceCache.get(key) ?? formatIPv4(names, n + 4);
+        if (sourceCache.size < DEST_CACHE) sourceCache.set(key, peer);
+      }
+      const bytes = data.slice(i * SLOT, i * SLOT + length);
+      try {
+        onDatagram(bytes, {
+          transport: "udp",
+          address: peer,
+          port: peerPort,
+          flowId: 0,
+          localAddress,
+          localPort,
+        });
+      } catch (error) {
+        reportError(error); // as an uncaught exception of an event listener would be
+      }
+      if (closing) return;
+    }
+  };
+
+  const receiving = (async () => {
+    while (!closing && keepAlive.length > 0) {
+      const got = await lib.recvmmsg_wait(fd, hdrsPtr, BATCH, MSG_WAITFORONE, null);
+      if (closing) break;
+      if (got < 0) {
+        // errno lives on the pool thread: ask again synchronously to learn it here.
+        const retry = lib.recvmmsg(fd, hdrsPtr, BATCH, MSG_DONTWAIT, null);
+        if (retry > 0) dispatch(retry);
+        else if (retry < 0 && errno() !== EAGAIN && errno() !== EINTR) break; // EBADF & co.
+        continue;
+      }
+      if (got === 0) continue;
+      dispatch(got);
+      for (let b = 0; b < DRAIN_BATCHES && !closing; b++) {
+        const more = lib.recvmmsg(fd, hdrsPtr, BATCH, MSG_DONTWAIT, null);
+        if (more <= 0) {
+          const e = errno();
+          if (more < 0 && e === EINTR) continue;
+          break; // EAGAIN: empty, back to the threaded wait
+        }
+        dispatch(more);
+        if (more < BATCH) break;
+      }
+    }
+  })();
+
+  const destinations = new Map<string, Uint8Array | null>();
+  let closed: Promise<void> | undefined;
+
+  return {
+    address: localAddress,
+    port: localPort,
+    get sendErrors() {
+      return sendErrors;
+    },
+    send(bytes, toAddress, toPort) {
+      if (closing) {
+        sendErrors++;
+        return;
+      }
+      const key = `${toAddress} ${toPort}`;
+      let sa = destinations.get(key);
+      if (sa === undefined) {
+        sa = toPort > 0 && toPort < 65536 ? encodeSockaddr(lib, family, toAddress, toPort) : null;
+        if (destinations.size >= DEST_CACHE) destinations.clear();
+        destinations.set(key, sa);
+      }
+      if (sa === null) {
+        sendErrors++;
+        return;
+      }
+      let sent = lib.sendto(
+        fd,
+        bytes,
+        BigInt(bytes.length),
+        MSG_DONTWAIT | MSG_NOSIGNAL,
+        sa,
+        sa.length,
+      );
+      if (sent < 0 && errno() === EINTR) {
+        sent = lib.sendto(
+          fd,
+          bytes,
+          BigInt(bytes.length),
+          MSG_DONTWAIT | MSG_NOSIGNAL,
+          sa,
+          sa.length,
+        );
+      }
+      if (sent < 0) sendErrors++; // EAGAIN (full buffer) is a drop, like any other failure
+    },
+    close() {
+      closed ??= (async () => {
+        closing = true;
+        lib.shutdown(fd, SHUT_RDWR); // wakes the pending recvmmsg (ENOTCONN is expected, harmless)
+        await receiving;
+        lib.close(fd);
+        // The kernel was handed raw pointers into these buffers: they must outlive every receive
+        // call, so they are referenced until here (an iovec array collected early is written into
+        // after it was freed).
+        keepAlive.length = 0;
+      })();
+      return closed;
+    },
+  };
+}
