@@ -232,15 +232,17 @@ export function parseServeArgs(
     );
   }
   const cores = navigator.hardwareConcurrency || 1;
-  // The embedded engine serves one connection, so one worker; a PostgreSQL server takes any number.
+  // The embedded engine serves one connection, and each worker's memory store is its own: one worker
+  // by default for both. A PostgreSQL server takes any number.
   const embeddedDefault = store === "postgres" && (values.db ?? env["DATABASE_URL"]) === undefined;
+  const oneStore = embeddedDefault || store === "memory";
   const flowsAsked = values["max-flows"] === undefined
     ? null
     : integer("max-flows", values["max-flows"], 0, 1, 10_000_000);
   const workers = integer(
     "workers",
     values.workers,
-    embeddedDefault ? 1 : Math.max(cores, Math.ceil((flowsAsked ?? 0) / FLOWS_PER_WORKER)),
+    Math.max(oneStore ? 1 : cores, Math.ceil((flowsAsked ?? 0) / FLOWS_PER_WORKER)),
     1,
     256,
   );

@@ -2,8 +2,9 @@
  * The read/frame stage: turns bytes into messages. A UDP datagram is one message (RFC 3261 §18.1.1).
  * A TCP flow's bytes go through its own {@link StreamFramer} (RFC 3261 §18.3: headers end at CRLFCRLF,
  * the body is Content-Length bytes), which also yields RFC 5626 §4.4.1 keep-alive pings, answered here
- * with a single CRLF. A framing error (size limit, bad Content-Length) loses the message boundary, so
- * the flow gets a 400 where one can be built and is closed; other flows never notice. A flow that starts
+ * with a single CRLF. A framing error (size limit, missing or bad Content-Length) loses the message
+ * boundary, so nothing after it on that flow can be trusted: the flow is closed (counted by reason);
+ * other flows never notice. A flow that starts
  * a message and does not complete its headers within the header timeout is closed (slowloris).
  *
  * @module

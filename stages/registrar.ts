@@ -178,6 +178,19 @@ export function createRegistrarStage(
     options.respond(reply);
   }
 
+  /** §8.2.2.3: Require/Proxy-Require options we do not support -> 420 listing them. */
+  function unsupportedExtensions(req: SipRequest): Answer | null {
+    const unsupported = [...headerAll(req, "require"), ...headerAll(req, "proxy-require")]
+      .map((o) => o.trim().toLowerCase())
+      .filter((o) => o !== "" && !(SUPPORTED as readonly string[]).includes(o));
+    if (unsupported.length === 0) return null;
+    return {
+      status: 420,
+      reason: "Bad Extension",
+      headers: [["Unsupported", unsupported.join(", ")]],
+    };
+  }
+
   async function register(req: SipRequest, inbound: Inbound): Promise<Answer> {
     // Step 1: the Request-URI names a domain we serve.
     const ruri = parseUri(req.uri);
@@ -187,17 +200,6 @@ export function createRegistrarStage(
     }
     if (served.size > 0 && !served.has(ruri.value.host.toLowerCase())) {
       return { status: 403, reason: "Domain Not Served" };
-    }
-    // Step 2: Require extensions we do not support -> 420 listing them (§8.2.2.3).
-    const unsupported = [...headerAll(req, "require"), ...headerAll(req, "proxy-require")]
-      .map((o) => o.trim().toLowerCase())
-      .filter((o) => o !== "" && !(SUPPORTED as readonly string[]).includes(o));
-    if (unsupported.length > 0) {
-      return {
-        status: 420,
-        reason: "Bad Extension",
-        headers: [["Unsupported", unsupported.join(", ")]],
-      };
     }
     // Step 5 (before auth, which needs the To user): the AOR from To, canonical.
     const toValue = header(req, "to")!;
@@ -231,8 +233,8 @@ export function createRegistrarStage(
     const expiresHeader = header(req, "expires");
     let headerExpires: number | null = null;
     if (expiresHeader !== undefined) {
-      headerExpires = parseExpires(expiresHeader);
-      if (headerExpires === null) return { status: 400, reason: "Malformed Expires Header" };
+      // §20.19: a malformed value is treated as 3600.
+      headerExpires = parseExpires(expiresHeader) ?? 3600;
     }
     const contacts = parseContacts(req);
     if (!contacts.ok) return { status: 400, reason: contacts.reason };
@@ -252,9 +254,8 @@ export function createRegistrarStage(
         let expires = headerExpires ?? options.defaultExpires;
         const param = c.params.get("expires");
         if (param !== undefined) {
-          const e = param === null ? null : parseExpires(param);
-          if (e === null) return { status: 400, reason: "Malformed Contact Expires" };
-          expires = e;
+          // §20.19 / §10.2.1.1: a malformed value is treated as 3600.
+          expires = (param === null ? null : parseExpires(param)) ?? 3600;
         }
         if (expires > 0 && expires < options.minExpires) tooBrief = true;
         expires = Math.min(expires, options.maxExpires);
@@ -383,25 +384,37 @@ export function createRegistrarStage(
     }
     let answer: Answer;
     try {
-      switch (msg.method) {
-        case "REGISTER":
-          answer = await register(msg, inbound);
-          break;
-        case "OPTIONS":
-          // §11.2: what we can do.
-          answer = {
-            status: 200,
-            reason: "OK",
-            headers: [["Allow", ALLOW], ["Accept", "application/sdp"], [
-              "Supported",
-              SUPPORTED.join(", "),
-            ]],
-          };
-          break;
-        default:
-          answer = KNOWN_METHODS.has(msg.method)
-            ? { status: 405, reason: "Method Not Allowed", headers: [["Allow", ALLOW]] }
-            : { status: 501, reason: "Not Implemented", headers: [["Allow", ALLOW]] };
+      const refused = msg.method === "ACK" || msg.method === "CANCEL"
+        ? null
+        : unsupportedExtensions(msg);
+      if (refused !== null) answer = refused;
+      else {
+        switch (msg.method) {
+          case "REGISTER":
+            answer = await register(msg, inbound);
+            break;
+          case "OPTIONS":
+            // §11.2: what we can do.
+            answer = {
+              status: 200,
+              reason: "OK",
+              headers: [
+                ["Allow", ALLOW],
+                ["Accept", "application/sdp"],
+                ["Supported", SUPPORTED.join(", ")],
+              ],
+            };
+            break;
+          case "CANCEL":
+          case "BYE":
+            // §9.2, §15.1.2: no INVITE transaction or dialog of ours matches (we hold none yet).
+            answer = { status: 481, reason: "Call/Transaction Does Not Exist" };
+            break;
+          default:
+            answer = KNOWN_METHODS.has(msg.method)
+              ? { status: 405, reason: "Method Not Allowed", headers: [["Allow", ALLOW]] }
+              : { status: 501, reason: "Not Implemented", headers: [["Allow", ALLOW]] };
+        }
       }
     } catch (error) {
       if (cacheKey !== null) cache.delete(cacheKey);

@@ -381,15 +381,31 @@ async function registrarSteps(t: Deno.TestContext, p: Peer, label: string): Prom
   );
 
   await t.step(
-    `${label}: OPTIONS with Require: foo -> 420 with Unsupported: foo (RFC 3261 §8.2.2.3) [SERVER BUG, reported: answers 200]`,
+    `${label}: OPTIONS with Require: foo -> 420 with Unsupported: foo (RFC 3261 §8.2.2.3)`,
     async () => {
-      // SERVER BUG (reported 2026-11-25): §8.2.2.3 is a MUST for every request but ACK and CANCEL; the
-      // registrar checks Require only for REGISTER (stages/registrar.ts register()), so OPTIONS gets 200.
+      // §8.2.2.3 is a MUST for every request but ACK and CANCEL, not only REGISTER.
       const res = await p.send({ method: "OPTIONS", headers: { Require: "foo" } });
       assert.equal(res.status, 420, `${res.status} ${res.reason}`);
       assert.deepEqual(res.all("unsupported"), ["foo"]);
     },
   );
+
+  await t.step(`${label}: BYE outside a dialog -> 481 (RFC 3261 §15.1.2)`, async () => {
+    const res = await p.send({ method: "BYE", uri: "sip:bob@citysip.test" });
+    assert.equal(res.status, 481, `${res.status} ${res.reason}`);
+  });
+
+  await t.step(`${label}: malformed Expires is treated as 3600 (RFC 3261 §20.19)`, async () => {
+    const user = newUser();
+    // A valid Expires header of 120 would apply if the malformed parameter were ignored.
+    const res = await p.send({
+      user,
+      contacts: [`<sip:${user}@127.0.0.1:5999>;expires=soon`],
+      expires: 120,
+    });
+    assert.equal(res.status, 200, `${res.status} ${res.reason}`);
+    assert.match(res.all("contact").join(","), /expires=3600/);
+  });
 
   await t.step(`${label}: a tel: Request-URI -> 416 (RFC 3261 §8.2.2.1)`, async () => {
     const res = await p.send({ uri: "tel:+15551234567" });
