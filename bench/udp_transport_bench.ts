@@ -14,6 +14,7 @@
  *
  * @module
  */
+import process from "node:process";
 import { listenUdp } from "../transport/udp.ts";
 import { listenUdpReusePort } from "../transport/udp_ffi.ts";
 
@@ -28,9 +29,13 @@ async function server(impl: string, port: number): Promise<void> {
     transport.send(bytes, source.address, source.port);
   });
   console.log(`ready ${transport.port}`);
+  const before = process.cpuUsage();
   for await (const _ of Deno.stdin.readable) { /* until the runner closes stdin */ }
+  const cpu = process.cpuUsage(before); // every thread of the process, the FFI pool's included
   await transport.close();
-  console.log(`received ${received} sendErrors ${transport.sendErrors}`);
+  console.log(
+    `received ${received} cpu_us ${cpu.user + cpu.system} sendErrors ${transport.sendErrors}`,
+  );
 }
 
 /** The load: prints `rate N` (echoes per second over the measured window) and `lost N`. */
@@ -122,6 +127,8 @@ interface Result {
   readonly rate: number;
   readonly split: string;
   readonly lost: number;
+  /** Server CPU time (user + system, all processes) per datagram received, in µs. */
+  readonly cpuPerDatagram: number;
 }
 
 async function scenario(
@@ -151,9 +158,14 @@ async function scenario(
   const [, rate, , lost] = (await line(c.lines)).split(" ");
   await c.child.status;
   const counts: string[] = [];
+  let received = 0;
+  let cpu = 0;
   for (const p of procs) {
     await p.child.stdin.close();
-    counts.push((await line(p.lines)).split(" ")[1] ?? "?");
+    const words = (await line(p.lines)).split(" ");
+    counts.push(words[1] ?? "?");
+    received += Number(words[1]);
+    cpu += Number(words[3]);
     await p.child.status;
   }
   return {
@@ -163,6 +175,7 @@ async function scenario(
     rate: Number(rate),
     split: counts.join("/"),
     lost: Number(lost),
+    cpuPerDatagram: cpu / received,
   };
 }
 
@@ -184,14 +197,18 @@ if (import.meta.main) {
       ["ffi", 1, 32],
       ["ffi", 2, 32],
     ];
-    console.log(`| server | processes | client sockets | echoes/s | datagrams per server | lost |`);
-    console.log(`| --- | --- | --- | --- | --- | --- |`);
+    console.log(
+      `| server | processes | client sockets | echoes/s | server CPU µs/datagram | datagrams per server | lost |`,
+    );
+    console.log(`| --- | --- | --- | --- | --- | --- | --- |`);
     for (const [impl, servers, sockets] of plan) {
       const r = await scenario(impl, servers, sockets, inflight, size, seconds);
       console.log(
         `| ${
           r.impl === "ffi" ? "FFI SO_REUSEPORT" : "node:dgram"
-        } | ${r.servers} | ${r.sockets} | ${r.rate} | ${r.split} | ${r.lost} |`,
+        } | ${r.servers} | ${r.sockets} | ${r.rate} | ${
+          r.cpuPerDatagram.toFixed(1)
+        } | ${r.split} | ${r.lost} |`,
       );
     }
   }

@@ -212,6 +212,13 @@ Deno.test("udp_ffi: echo, source decoding, sizes and bursts", async (t) => {
     await transport.close();
     transport.send(encoder.encode("x"), "127.0.0.1", 9);
     assert.equal(transport.sendErrors, 4);
+    if (v6) {
+      const six = await listenUdpReusePort("::1", 0, () => {});
+      six.send(encoder.encode("x"), "fe80::1%eth0", 5060); // zones are interface indexes
+      six.send(encoder.encode("x"), "127.0.0.1%1", 5060);
+      assert.equal(six.sendErrors, 2);
+      await six.close();
+    }
     await transport.close(); // a second close is harmless
   });
 

@@ -127,17 +127,22 @@ function formatIPv6(b: Uint8Array, at: number): string {
 
 const encoder = new TextEncoder();
 
-/** Encodes `address`:`port` as a `sockaddr_in` or `sockaddr_in6`, or returns null if not an IP literal. */
+/**
+ * Encodes `address`:`port` as a `sockaddr_in` or `sockaddr_in6`, or returns null if not an IP
+ * literal. On an IPv6 socket an IPv4 address becomes IPv4-mapped, and a numeric zone (`fe80::1%2`,
+ * as sources are reported) sets `sin6_scope_id`.
+ */
 function encodeSockaddr(
   lib: Libc,
   family: number,
   address: string,
   port: number,
 ): Uint8Array | null {
-  const text = encoder.encode(`${address}\0`);
   if (family === AF_INET) {
     const sa = new Uint8Array(16);
-    if (lib.inet_pton(AF_INET, text, sa.subarray(4, 8)) !== 1) return null;
+    if (lib.inet_pton(AF_INET, encoder.encode(`${address}\0`), sa.subarray(4, 8)) !== 1) {
+      return null;
+    }
     sa[0] = AF_INET; // sin_family, little-endian u16
     sa[2] = port >> 8; // sin_port, network order
     sa[3] = port & 0xff;
@@ -145,11 +150,19 @@ function encodeSockaddr(
   }
   const sa = new Uint8Array(28);
   const addr = sa.subarray(8, 24);
+  const zoneAt = address.indexOf("%");
+  const bare = zoneAt < 0 ? address : address.slice(0, zoneAt);
+  const text = encoder.encode(`${bare}\0`);
   if (lib.inet_pton(AF_INET6, text, addr) !== 1) {
     // An IPv4 peer of a dual-stack socket: send to its IPv4-mapped address.
-    if (lib.inet_pton(AF_INET, text, addr.subarray(12, 16)) !== 1) return null;
+    if (zoneAt >= 0 || lib.inet_pton(AF_INET, text, addr.subarray(12, 16)) !== 1) return null;
     addr[10] = 0xff;
     addr[11] = 0xff;
+  }
+  if (zoneAt >= 0) {
+    const zone = address.slice(zoneAt + 1);
+    if (!/^\d{1,10}$/.test(zone) || Number(zone) > 0xffffffff) return null;
+    new DataView(sa.buffer).setUint32(24, Number(zone), true); // sin6_scope_id, host order
   }
   sa[0] = AF_INET6;
   sa[2] = port >> 8;
@@ -267,6 +280,9 @@ export async function listenUdpReusePort(
       let peer: string;
       if (nameLen >= 28 && names[n] === AF_INET6) {
         peer = formatIPv6(names, n + 8);
+        const scope = names[n + 24]! | (names[n + 25]! << 8) | (names[n + 26]! << 16) |
+          (names[n + 27]! << 24);
+        if (scope !== 0) peer += `%${scope >>> 0}`; // link-local: the interface index
       } else {
         // IPv4 addresses are cached by their 32-bit value: the common case costs a map lookup.
         const key = ((names[n + 4]! << 24) | (names[n + 5]! << 16) | (names[n + 6]! << 8) |
