@@ -69,6 +69,11 @@ export interface ServeConfig {
   readonly auth: boolean;
   /** Digest algorithms challenged with, most preferred first (RFC 8760 §2.4). @default SHA-256, MD5 */
   readonly digestAlgorithms: readonly ("SHA-256" | "MD5")[];
+  /**
+   * UDP sockets: `reuseport` (libc through FFI, SO_REUSEPORT with batched recvmmsg; every worker
+   * shares the port) or `dgram` (node:dgram; one worker holds the port). @default reuseport on Linux
+   */
+  readonly udpTransport: "reuseport" | "dgram";
   /** Prometheus metrics listen address, or null for none. */
   readonly metrics: { readonly host: string; readonly port: number } | null;
   readonly logLevel: LogLevel;
@@ -99,6 +104,7 @@ Options:
   --auth                   require digest authentication for REGISTER
   --digest-algorithms L    challenge order (default SHA-256,MD5; MD5,SHA-256 for clients that
                            read only the first challenge, e.g. SIPp and sipsak)
+  --udp-transport T        reuseport (all workers share UDP; Linux) or dgram (worker 0 only)
   --metrics HOST:PORT      serve Prometheus metrics over HTTP
   --log-level L            error, warn, info or debug (default info)
   -h, --help               this text`;
@@ -183,6 +189,7 @@ export function parseServeArgs(
         auth: { type: "boolean" },
         "digest-algorithms": { type: "string" },
         metrics: { type: "string" },
+        "udp-transport": { type: "string" },
         "log-level": { type: "string" },
         help: { type: "boolean", short: "h" },
       },
@@ -246,6 +253,14 @@ export function parseServeArgs(
     1,
     256,
   );
+  const udpTransport = values["udp-transport"] ??
+    (Deno.build.os === "linux" ? "reuseport" : "dgram");
+  if (udpTransport !== "reuseport" && udpTransport !== "dgram") {
+    throw new ConfigError(`invalid --udp-transport "${udpTransport}": expected reuseport or dgram`);
+  }
+  if (udpTransport === "reuseport" && Deno.build.os !== "linux") {
+    throw new ConfigError(`invalid --udp-transport reuseport: needs Linux; use dgram`);
+  }
   const db = values.db ?? env["DATABASE_URL"] ?? null;
   if (store === "postgres" && db === null && workers > 1) {
     if (values.workers !== undefined) {
@@ -287,6 +302,7 @@ export function parseServeArgs(
     commitBatch: integer("commit-batch", values["commit-batch"], 1000, 1, 100_000),
     auth: values.auth ?? false,
     digestAlgorithms: digestAlgorithms as ("SHA-256" | "MD5")[],
+    udpTransport,
     metrics: values.metrics ? parseHostPort("metrics", values.metrics) : null,
     logLevel: level as LogLevel,
   };

@@ -14,6 +14,7 @@ import { setLogLevel } from "./log.ts";
 import { runStorageCommand } from "./storage/cli.ts";
 import { runSupervisor, type WorkerSpec } from "./supervisor.ts";
 import { runWorkerProcess } from "./worker.ts";
+import { listenUdpReusePort } from "./transport/udp_ffi.ts";
 
 /** The program's version. */
 export const VERSION = "0.1.0";
@@ -41,13 +42,17 @@ export async function main(args: string[]): Promise<number> {
           throw new ConfigError("--auth needs subscribers: use --store postgres");
         }
         setLogLevel(config.logLevel);
-        await runSupervisor(config, false);
+        await runSupervisor(config, config.udpTransport === "reuseport");
         return 0;
       }
       case "worker": {
         const raw = Deno.env.get("CITYSIP_WORKER");
         if (raw === undefined) throw new ConfigError("worker is started by serve, not by hand");
-        await runWorkerProcess(JSON.parse(raw) as WorkerSpec, undefined);
+        const spec = JSON.parse(raw) as WorkerSpec;
+        await runWorkerProcess(
+          spec,
+          spec.config.udpTransport === "reuseport" ? listenUdpReusePort : undefined,
+        );
         return 0;
       }
       case "migrate":

@@ -56,7 +56,7 @@ function selfCommand(): string[] {
   const script = new URL("./main.ts", import.meta.url);
   const isDeno = /(^|\/)deno(\.exe)?$/.test(exe);
   return isDeno && script.protocol === "file:"
-    ? ["run", "--allow-all", "--unstable-net", "--unstable-ffi", script.pathname]
+    ? ["run", "--allow-all", "--unstable-net", script.pathname]
     : [];
 }
 
