@@ -133,3 +133,45 @@ export async function openStorage(url: string, options: OpenStorageOptions = {})
     },
   };
 }
+
+let guarded = false;
+
+const CONNECTION_CODES = new Set(["CONNECTION_CLOSED", "CONNECTION_DESTROYED", "CONNECTION_ENDED"]);
+
+/**
+ * Keeps the process alive through known postgres.js 3.4.9 bugs around a connection that closes under
+ * a query (porsager/postgres#1154, #1208; the fix, #1168, is unreleased):
+ * - a query written just as its connection closes throws `TypeError: Cannot read properties of null
+ *   (reading 'write')` from a `setImmediate` callback, which no caller can catch;
+ * - `sql.begin()` whose backend died leaves a `CONNECTION_CLOSED` rejection nobody handles.
+ * The queries concerned have already been rejected to their callers. Installs global `error` and
+ * `unhandledrejection` listeners that swallow exactly these (and report them to `onGuarded`);
+ * everything else stays fatal. The batch path of {@link PostgresLocationStore} avoids the
+ * deterministic case (it does not use `sql.begin()`); this covers the remaining races. Call once per
+ * process, e.g. in each worker. Partial by nature: after the `sql.begin()` case the pool still serves
+ * queries, but `sql.end()` waits for ever for the ROLLBACK written to the dead socket; end with a
+ * timeout.
+ */
+export function guardPostgresConnectionLoss(onGuarded: (err: Error) => void = () => {}): void {
+  if (guarded) return;
+  guarded = true;
+  globalThis.addEventListener("error", (event) => {
+    const err = event.error;
+    if (
+      err instanceof TypeError && /reading 'write'/.test(err.message) &&
+      /nextWrite/.test(err.stack ?? "") && /postgres/.test(err.stack ?? "")
+    ) {
+      event.preventDefault();
+      onGuarded(err);
+    }
+  });
+  globalThis.addEventListener("unhandledrejection", (event) => {
+    const err = event.reason;
+    if (
+      err instanceof Error && CONNECTION_CODES.has((err as Error & { code?: string }).code ?? "")
+    ) {
+      event.preventDefault();
+      onGuarded(err);
+    }
+  });
+}

@@ -391,3 +391,48 @@ Deno.test({
     }
   },
 });
+
+serverTest(
+  "guardPostgresConnectionLoss() keeps a process alive when a backend dies inside sql.begin()",
+  unavailable,
+  async () => {
+    // In a child process: the guard installs global listeners. Without it this child dies
+    // (porsager/postgres#1208).
+    const open = new URL("../storage/open.ts", import.meta.url).href;
+    const code = `
+      import postgres from "postgres";
+      import { guardPostgresConnectionLoss } from ${JSON.stringify(open)};
+      if (Deno.args[0] === "guard") guardPostgresConnectionLoss();
+      const url = ${JSON.stringify(TEST_DATABASE_URL)};
+      const sql = postgres(url, { max: 2, onnotice: () => {} });
+      const killer = postgres(url, { max: 1 });
+      let pid = null;
+      const tx = sql.begin(async (t) => {
+        pid = (await t\`SELECT pg_backend_pid() AS pid\`)[0].pid;
+        await t\`SELECT pg_sleep(2)\`;
+      });
+      while (pid === null) await new Promise((r) => setTimeout(r, 20));
+      await killer\`SELECT pg_terminate_backend(\${pid})\`;
+      console.log("tx", await tx.then(() => "ok", (e) => e.code));
+      await new Promise((r) => setTimeout(r, 300));
+      console.log("after", (await sql\`SELECT 1 AS x\`)[0].x);
+      // end() without a timeout would wait for ever for the ROLLBACK begin() wrote to the dead socket.
+      await sql.end({ timeout: 0 });
+      await killer.end();
+    `;
+    const run = async (arg: string) => {
+      const out = await new Deno.Command(Deno.execPath(), {
+        args: ["eval", "--ext=ts", code, arg],
+        cwd: new URL("..", import.meta.url),
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      return { code: out.code, stdout: new TextDecoder().decode(out.stdout) };
+    };
+    const guarded = await run("guard");
+    assert.equal(guarded.code, 0, guarded.stdout);
+    assert.match(guarded.stdout, /tx CONNECTION_CLOSED\nafter 1/);
+    const unguarded = await run("none");
+    assert.notEqual(unguarded.code, 0, "postgres.js fixed the bug: the guard may go");
+  },
+);
