@@ -533,44 +533,59 @@ function toSubscriber(r: SubscriberRow): Subscriber {
 /** Subscribers in the `subscribers` table. */
 export class PostgresSubscriberStore implements SubscriberStore {
   readonly #sql: postgres.Sql;
+  readonly #timeoutMs: number;
 
   /**
    * A store on `sql`, which the caller keeps ownership of.
    *
    * @param sql a postgres.js instance whose `search_path` leads to the migrated tables
+   * @param options `timeoutMs`: each call rejects after this long (a silent network must not hold
+   *   an authentication for ever), default 2000
    */
-  constructor(sql: postgres.Sql) {
+  constructor(sql: postgres.Sql, options: { readonly timeoutMs?: number } = {}) {
     this.#sql = sql;
+    this.#timeoutMs = options.timeoutMs ?? 2000;
   }
 
   /** The subscriber, or null. */
   async get(username: string, domain: string): Promise<Subscriber | null> {
-    const [row] = await this.#sql<SubscriberRow[]>`
-      SELECT username, domain, ha1_md5, ha1_sha256 FROM subscribers
-      WHERE domain = ${domain} AND username = ${username}`;
+    const [row] = await withTimeout(
+      this.#sql<SubscriberRow[]>`
+        SELECT username, domain, ha1_md5, ha1_sha256 FROM subscribers
+        WHERE domain = ${domain} AND username = ${username}`,
+      this.#timeoutMs,
+    );
     return row ? toSubscriber(row) : null;
   }
 
   /** Adds or replaces a subscriber. */
   async put(s: Subscriber): Promise<void> {
-    await this.#sql`
+    await withTimeout(
+      this.#sql`
       INSERT INTO subscribers (domain, username, ha1_md5, ha1_sha256)
       VALUES (${s.domain}, ${s.username}, ${s.ha1Md5}, ${s.ha1Sha256})
       ON CONFLICT (domain, username) DO UPDATE
-      SET ha1_md5 = excluded.ha1_md5, ha1_sha256 = excluded.ha1_sha256`;
+      SET ha1_md5 = excluded.ha1_md5, ha1_sha256 = excluded.ha1_sha256`,
+      this.#timeoutMs,
+    );
   }
 
   /** Removes a subscriber; resolves to whether one was removed. */
   async remove(username: string, domain: string): Promise<boolean> {
-    const result = await this.#sql`
-      DELETE FROM subscribers WHERE domain = ${domain} AND username = ${username}`;
+    const result = await withTimeout(
+      this.#sql`DELETE FROM subscribers WHERE domain = ${domain} AND username = ${username}`,
+      this.#timeoutMs,
+    );
     return result.count > 0;
   }
 
   /** All subscribers, by domain then username. */
   async list(): Promise<readonly Subscriber[]> {
-    const rows = await this.#sql<SubscriberRow[]>`
-      SELECT username, domain, ha1_md5, ha1_sha256 FROM subscribers ORDER BY domain, username`;
+    const rows = await withTimeout(
+      this.#sql<SubscriberRow[]>`
+        SELECT username, domain, ha1_md5, ha1_sha256 FROM subscribers ORDER BY domain, username`,
+      this.#timeoutMs,
+    );
     return rows.map(toSubscriber);
   }
 }
