@@ -239,10 +239,8 @@ export function parseServeArgs(
     );
   }
   const cores = navigator.hardwareConcurrency || 1;
-  // The embedded engine serves one connection, and each worker's memory store is its own: one worker
-  // by default for both. A PostgreSQL server takes any number.
-  const embeddedDefault = store === "postgres" && (values.db ?? env["DATABASE_URL"]) === undefined;
-  const oneStore = embeddedDefault || store === "memory";
+  // Each worker's memory store is its own: one worker by default there.
+  const oneStore = store === "memory";
   const flowsAsked = values["max-flows"] === undefined
     ? null
     : integer("max-flows", values["max-flows"], 0, 1, 10_000_000);
@@ -262,13 +260,6 @@ export function parseServeArgs(
     throw new ConfigError(`invalid --udp-transport reuseport: needs Linux; use dgram`);
   }
   const db = values.db ?? env["DATABASE_URL"] ?? null;
-  if (store === "postgres" && db === null && workers > 1) {
-    if (values.workers !== undefined) {
-      throw new ConfigError(
-        `invalid --workers ${workers}: the embedded database serves one connection; use --db for more workers`,
-      );
-    }
-  }
   const maxFlows = flowsAsked ?? workers * FLOWS_PER_WORKER;
   if (maxFlows / workers > FLOWS_PER_WORKER) {
     throw new ConfigError(

@@ -124,8 +124,8 @@ function hex(bytes: Uint8Array): string {
 /** Runs the supervisor until SIGINT/SIGTERM. `udpShared` says whether every worker may bind UDP. */
 export async function runSupervisor(config: ServeConfig, udpShared: boolean): Promise<void> {
   const listen = await resolvePorts(config.listen);
-  // The supervisor migrates and then holds no connection: the embedded engine serves exactly one,
-  // which the (single) worker uses.
+  // The supervisor migrates and then holds no connection; workers open their own (the embedded
+  // engine serves each through its multiplexer, one transaction at a time).
   let embedded: Embedded | null = null;
   let dbUrl: string | null = null;
   if (config.store === "postgres") {

@@ -17,7 +17,7 @@ import { listenTcp, type TcpTransport } from "./transport/tcp.ts";
 import { listenUdp, type UdpTransport } from "./transport/udp.ts";
 import { log, setLogContext, setLogLevel } from "./log.ts";
 import { MemoryLocationStore } from "./storage/memory.ts";
-import { openStorage } from "./storage/open.ts";
+import { guardPostgresConnectionLoss, openStorage } from "./storage/open.ts";
 import type { GroupCommitStats } from "./storage/postgres.ts";
 import type { SubscriberStore } from "./storage/subscriber_store.ts";
 import { DigestAuthenticator } from "./stages/auth.ts";
@@ -157,6 +157,9 @@ export async function runWorkerProcess(
   if (spec.dbUrl === null) {
     store = new MemoryLocationStore();
   } else {
+    guardPostgresConnectionLoss((error) =>
+      log.warn("postgres.js lost a connection mid-query", { error })
+    );
     const storage = await openStorage(spec.dbUrl, {
       max: spec.dbPool,
       migrate: false,

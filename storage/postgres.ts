@@ -168,6 +168,9 @@ function toRow(b: Binding): Record<string, unknown> {
   };
 }
 
+/** How long one `reserve()` may take before it is asked again (see `#reserve`). */
+const RESERVE_RETRY_MS = 250;
+
 class TimeoutError extends Error {
   constructor(ms: number) {
     super(`Timed out after ${ms} ms`);
@@ -346,7 +349,8 @@ export class PostgresLocationStore implements LocationStore {
     this.#lastBatch = batch.length;
     if (batch.length > this.#largestBatch) this.#largestBatch = batch.length;
     const started = performance.now();
-    const attempt = this.#transact(batch);
+    const state = { abandoned: false, commitSent: false };
+    const attempt = this.#transact(batch, state);
     let outcomes: RegisterOutcome[];
     try {
       outcomes = await withTimeout(attempt, this.#timeoutMs);
@@ -358,10 +362,13 @@ export class PostgresLocationStore implements LocationStore {
       this.#onBatchError?.(err);
       if (err instanceof TimeoutError) {
         this.#timeouts++;
+        state.abandoned = true;
         this.#onCommitTimeout?.();
-        // The next batch must not start while this one might still commit out of order: wait for
-        // the attempt to settle (dropping the connection settles it), but not for ever.
-        await withTimeout(attempt, this.#timeoutMs).catch(() => {});
+        // An abandoned attempt never starts its transaction later (a reserve() issued while the pool
+        // was resetting can stay pending long after the database is back). Only one whose COMMIT is
+        // already on the wire could still land, out of order: wait for that to settle (dropping the
+        // connection settles it), but not for ever.
+        if (state.commitSent) await withTimeout(attempt, this.#timeoutMs).catch(() => {});
       }
       return;
     }
@@ -377,13 +384,38 @@ export class PostgresLocationStore implements LocationStore {
   }
 
   /**
+   * A reserved connection. A `reserve()` issued while postgres.js resets its connections can stay
+   * pending long after the database is back, while a new one succeeds: so ask again every
+   * {@link RESERVE_RETRY_MS}, and hand any late arrival straight back to the pool.
+   */
+  async #reserve(state: { abandoned: boolean }): Promise<postgres.ReservedSql> {
+    for (;;) {
+      const pending = this.#sql.reserve();
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const conn = await Promise.race([
+        pending,
+        new Promise<null>((resolve) => timer = setTimeout(() => resolve(null), RESERVE_RETRY_MS)),
+      ]).finally(() => clearTimeout(timer));
+      if (conn !== null && !state.abandoned) return conn;
+      if (conn !== null) conn.release();
+      else pending.then((late) => late.release(), () => {});
+      if (state.abandoned) {
+        throw new Error("Cannot commit: the batch was abandoned while waiting for a connection");
+      }
+    }
+  }
+
+  /**
    * One transaction for the batch on a reserved connection, in two round trips: BEGIN, the locks and
    * the read pipelined; then the writes and COMMIT pipelined. Resolves to each change's outcome
    * after COMMIT succeeded.
    */
-  async #transact(batch: readonly Pending[]): Promise<RegisterOutcome[]> {
+  async #transact(
+    batch: readonly Pending[],
+    state: { abandoned: boolean; commitSent: boolean },
+  ): Promise<RegisterOutcome[]> {
     const aors = [...new Set(batch.map((p) => p.change.aor))];
-    const conn = await this.#sql.reserve();
+    const conn = await this.#reserve(state);
     // postgres.js gives a reserved connection no close notice, and a query issued on it after it
     // closed is written to a dead socket (an uncaught TypeError): learn of the close the way
     // postgres.js's own begin() does, through the undocumented `onexecute` query option.
@@ -430,7 +462,14 @@ export class PostgresLocationStore implements LocationStore {
         );
       }
       if (upserts.length > 0) writes.push(upsert(conn, upserts));
+      if (state.abandoned) {
+        // Its callers were told "unavailable": the batch must not land after newer ones.
+        for (const w of writes) w.catch(() => {});
+        await conn`ROLLBACK`.catch(() => {});
+        throw new Error("Cannot commit: the batch was abandoned");
+      }
       // After a failed write the server answers COMMIT with ROLLBACK; either way, all settle.
+      state.commitSent = true;
       const commit = conn`COMMIT`.execute();
       const settled = await Promise.race([whenClosed, Promise.allSettled([...writes, commit])]);
       const failed = settled.find((r): r is PromiseRejectedResult => r.status === "rejected");
