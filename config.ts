@@ -53,7 +53,7 @@ export interface ServeConfig {
   readonly maxFlowsPerWorker: number;
   /** TCP flows one source IP may hold. @default 1000 */
   readonly maxFlowsPerIp: number;
-  /** Queue delay (ms) above which classify refuses new requests with 503. @default 100 */
+  /** Queue delay (ms) above which classify refuses new requests with 503. @default 30 */
   readonly admissionDelayMs: number;
   /** The location store: "memory" (nothing kept) or "postgres" (a server URL or the embedded default). */
   readonly store: "memory" | "postgres";
@@ -95,7 +95,7 @@ Options:
   --workers N              worker processes (default: cores, or max-flows / 19000 if more)
   --max-flows N            TCP flows the box holds (default workers x 19000)
   --max-flows-per-ip N     TCP flows one source IP holds (default 1000)
-  --admission-delay MS     queue delay above which new requests get 503 (default 100)
+  --admission-delay MS     queue delay above which new requests get 503 (default 30)
   --store memory|postgres  where bindings live (default postgres: --db, DATABASE_URL or embedded)
   --db URL                 PostgreSQL server URL (default: $DATABASE_URL, else the embedded engine)
   --data-dir DIR           the embedded engine's data directory (default $XDG_STATE_HOME/citysip/pglite)
@@ -285,7 +285,7 @@ export function parseServeArgs(
     maxFlows,
     maxFlowsPerWorker: Math.ceil(maxFlows / workers),
     maxFlowsPerIp: integer("max-flows-per-ip", values["max-flows-per-ip"], 1000, 1, 10_000_000),
-    admissionDelayMs: integer("admission-delay", values["admission-delay"], 100, 1, 60_000),
+    admissionDelayMs: integer("admission-delay", values["admission-delay"], 30, 1, 60_000),
     store,
     db,
     dataDir: values["data-dir"] ?? defaultDataDir(),
