@@ -5,8 +5,7 @@
  *
  * @module
  */
-import type net from "node:net";
-import { Flow } from "../transport/tcp.ts";
+import { Flow, type FlowSocket } from "../transport/tcp.ts";
 import { Stage } from "./runtime.ts";
 
 /** Queue and worker settings: accepting is synchronous, one at a time. */
@@ -19,7 +18,7 @@ export class FlowTable {
   #nextId = 1;
 
   /** Adds a flow for an accepted socket. */
-  add(socket: net.Socket, at: number): Flow {
+  add(socket: FlowSocket, at: number): Flow {
     const address = stripMapped(socket.remoteAddress ?? "");
     const flow = new Flow(this.#nextId++, socket, {
       transport: "tcp",
@@ -68,9 +67,9 @@ export interface AcceptOptions {
 /** Builds the accept stage and starts its idle sweep; `stop()` ends the sweep. */
 export function createAcceptStage(
   options: AcceptOptions,
-): { stage: Stage<net.Socket>; stop(): void } {
+): { stage: Stage<FlowSocket>; stop(): void } {
   const { table } = options;
-  const stage: Stage<net.Socket> = new Stage<net.Socket>({
+  const stage: Stage<FlowSocket> = new Stage<FlowSocket>({
     name: "accept",
     ...ACCEPT_SETTINGS,
     onError: options.onError,

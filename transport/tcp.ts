@@ -18,6 +18,31 @@ export const MAX_SEND_BACKLOG = 256 * 1024;
 /** Requests one flow may have in service before its reading pauses (per-flow back-pressure). */
 export const PAUSE_AT = 128;
 
+/**
+ * What a flow needs of a connection: the subset of `node:net`'s Socket the stages use, so that
+ * another TCP transport (e.g. one on the kernel's sockets through FFI) can stand in for it.
+ */
+export interface FlowSocket {
+  readonly remoteAddress?: string | undefined;
+  readonly remotePort?: number | undefined;
+  readonly localAddress?: string | undefined;
+  readonly localPort?: number | undefined;
+  /** Bytes queued in user space, not yet handed to the kernel. */
+  readonly writableLength: number;
+  write(bytes: Uint8Array | string): boolean;
+  /** Sends FIN once queued bytes are written; `done` runs then. */
+  end(done?: () => void): void;
+  /** Closes at once, dropping queued bytes. */
+  destroy(): void;
+  pause(): void;
+  resume(): void;
+  isPaused(): boolean;
+  setKeepAlive(enable: boolean, initialDelayMs: number): void;
+  on(event: "data", listener: (chunk: Uint8Array) => void): void;
+  on(event: "close", listener: () => void): void;
+  on(event: "error", listener: (error: Error) => void): void;
+}
+
 /** One TCP connection and the little state the stages keep for it. Kept small: 300,000 of them. */
 export class Flow {
   /** Where messages on this flow come from; one object shared by all of them. */
@@ -32,7 +57,7 @@ export class Flow {
   lastActive: number;
   closed = false;
 
-  constructor(readonly id: number, readonly socket: net.Socket, source: Source, at: number) {
+  constructor(readonly id: number, readonly socket: FlowSocket, source: Source, at: number) {
     this.source = source;
     this.lastActive = at;
   }
@@ -83,7 +108,7 @@ export interface TcpTransport {
 export function listenTcp(
   host: string,
   port: number,
-  onConnection: (socket: net.Socket) => void,
+  onConnection: (socket: FlowSocket) => void,
 ): Promise<TcpTransport> {
   const server = net.createServer({ noDelay: true, pauseOnConnect: false }, onConnection);
   // Errors on the listening socket after start (EMFILE on accept) must not crash the worker.
