@@ -134,7 +134,8 @@ export class StreamFramer {
       this.#crlf = 0;
       const he = findHeaderEnd(chunk, p);
       if (he < 0) {
-        if (n - p > max) return this.#fail(out, "message-too-large");
+        // max bytes without the CRLFCRLF: the whole message cannot fit (as in #continue).
+        if (n - p >= max) return this.#fail(out, "message-too-large");
         const rest = n - p;
         const buf = new Uint8Array(Math.min(max, Math.max(512, rest * 2)));
         buf.set(chunk.subarray(p), 0);

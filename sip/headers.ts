@@ -253,6 +253,65 @@ function isHostChar(c: number): boolean {
     c === 0x2e || c === 0x2d || c === 0x5f;
 }
 
+/** Whether s[from, to) is an IPv6 address (RFC 3261 §25.1 IPv6address, RFC 4291 §2.2): eight
+ * groups of 1-4 hex digits, or fewer with one `::`, the last two optionally an IPv4 address. */
+function isIpv6(s: string, from: number, to: number): boolean {
+  let groups = 0;
+  let gap = false;
+  let i = from;
+  if (s.charCodeAt(i) === 0x3a) {
+    if (s.charCodeAt(i + 1) !== 0x3a) return false;
+    gap = true;
+    i += 2;
+    if (i === to) return true;
+  }
+  for (;;) {
+    const g0 = i;
+    while (i < to && i - g0 < 5 && isHex(s.charCodeAt(i))) i++;
+    if (i < to && s.charCodeAt(i) === 0x2e) {
+      // An IPv4 tail: counts as two groups.
+      return groups <= (gap ? 5 : 6) && (gap || groups === 6) && isIpv4(s, g0, to);
+    }
+    if (i === g0 || i - g0 > 4) return false;
+    groups++;
+    if (i === to) break;
+    if (s.charCodeAt(i) !== 0x3a) return false;
+    i++;
+    if (s.charCodeAt(i) === 0x3a) {
+      if (gap) return false;
+      gap = true;
+      i++;
+      if (i === to) break;
+    } else if (i === to) return false;
+  }
+  return gap ? groups <= 7 : groups === 8;
+}
+
+function isHex(c: number): boolean {
+  return (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x46) || (c >= 0x61 && c <= 0x66);
+}
+
+function isIpv4(s: string, from: number, to: number): boolean {
+  let parts = 0;
+  let i = from;
+  while (parts < 4) {
+    const d0 = i;
+    let v = 0;
+    while (i < to && i - d0 < 3) {
+      const d = s.charCodeAt(i) - 0x30;
+      if (d < 0 || d > 9) break;
+      v = v * 10 + d;
+      i++;
+    }
+    if (i === d0 || v > 255) return false;
+    parts++;
+    if (parts === 4) break;
+    if (s.charCodeAt(i) !== 0x2e) return false;
+    i++;
+  }
+  return parts === 4 && i === to;
+}
+
 /** Scans host [":" port] at `i`. Returns [host, port, next index] or null. */
 function scanHostPort(
   s: string,
@@ -264,15 +323,7 @@ function scanHostPort(
     const rb = s.indexOf("]", i);
     if (rb < 0) return null;
     host = s.slice(i, rb + 1);
-    for (let k = i + 1; k < rb; k++) {
-      const c = s.charCodeAt(k);
-      if (
-        !((c >= 0x30 && c <= 0x3a) || (c >= 0x41 && c <= 0x46) || (c >= 0x61 && c <= 0x66) ||
-          c === 0x2e)
-      ) {
-        return null;
-      }
-    }
+    if (!isIpv6(s, i + 1, rb)) return null;
     i = rb + 1;
   } else {
     const h0 = i;
@@ -373,7 +424,16 @@ export function parseNameAddr(value: string, header = "Contact"): ParseResult<Na
   if (prefixOk) {
     if (lt > i) {
       const dn = s.slice(i, lt).trim();
-      if (dn.length > 0) displayName = dn;
+      if (dn.length > 0) {
+        // An unquoted display name is tokens and LWS (RFC 3261 §25.1, RFC 4475 §3.1.2.15).
+        for (let k = 0; k < dn.length; k++) {
+          const c = dn.charCodeAt(k);
+          if (c !== 0x20 && c !== 0x09 && (c >= 128 || TOKEN[c] !== 1)) {
+            return fail(`Malformed ${header} header`, header);
+          }
+        }
+        displayName = dn;
+      }
     }
     const gt = s.indexOf(">", lt);
     if (gt < 0) return fail(`Malformed ${header} header`, header);
@@ -388,6 +448,10 @@ export function parseNameAddr(value: string, header = "Contact"): ParseResult<Na
     }
     uri = s.slice(i, j);
     i = j;
+    // An addr-spec with URI headers or a comma must be in <> (RFC 3261 §20.10, RFC 4475 §3.1.2.13).
+    if (uri.indexOf("?") >= 0 || uri.indexOf(",") >= 0) {
+      return fail(`Malformed ${header} header`, header);
+    }
   }
   const colon = uri.indexOf(":");
   if (colon <= 0) return fail(`Malformed ${header} header`, header);

@@ -156,7 +156,9 @@ const MANDATORY: ReadonlyArray<readonly [string, string]> = [
  *   Content-Length the body is the rest of the input (§18.3 allows that over UDP only; the stream
  *   framer enforces it over TCP). The body is a subarray of `bytes`, not a copy.
  * - A request must have To, From, CSeq, Call-ID and Via (§8.1.1), and the CSeq method must equal the
- *   request method; responses are not checked for these.
+ *   request method; responses are not checked for these. A second To, From, CSeq or Call-ID line
+ *   is an error in any message (§7.3: they are single-valued), as is a control character in the
+ *   Request-URI.
  * - Header values are kept as text slices of the decoded header section: a caller that keeps one
  *   for long should copy it (V8 sliced strings keep their parent alive).
  *
@@ -234,7 +236,11 @@ export function parseMessage(bytes: Uint8Array): ParseResult<SipMessage> {
     method = firstLine.slice(0, sp1);
     if (!isToken(method)) return fail("Malformed request line");
     uri = firstLine.slice(sp1 + 1, sp2);
-    if (uri.indexOf(" ") >= 0 || uri.indexOf("\t") >= 0) return fail("Malformed Request-URI");
+    // No whitespace or other control characters inside (RFC 3261 §25.1: a URI is printable ASCII).
+    for (let i = 0; i < uri.length; i++) {
+      const c = uri.charCodeAt(i);
+      if (c <= 0x20 || c === 0x7f) return fail("Malformed Request-URI");
+    }
     if (uri.indexOf(":") <= 0) return fail("Malformed Request-URI");
     version = firstLine.slice(sp2 + 1);
     const verr = checkVersion(version);
@@ -279,16 +285,22 @@ export function parseMessage(bytes: Uint8Array): ParseResult<SipMessage> {
       while (ve > vs && isWs(text.charCodeAt(ve - 1))) ve--;
       curValue = text.slice(vs, ve);
       switch (name) {
+        // To, From, CSeq and Call-ID are single-valued: a second line is an error (RFC 3261 §7.3,
+        // RFC 4475 §3.3.8).
         case "to":
+          if ((seen & 1) !== 0) return fail("Multiple To headers", 400, "To");
           seen |= 1;
           break;
         case "from":
+          if ((seen & 2) !== 0) return fail("Multiple From headers", 400, "From");
           seen |= 2;
           break;
         case "cseq":
+          if ((seen & 4) !== 0) return fail("Multiple CSeq headers", 400, "CSeq");
           seen |= 4;
           break;
         case "call-id":
+          if ((seen & 8) !== 0) return fail("Multiple Call-ID headers", 400, "Call-ID");
           seen |= 8;
           break;
         case "via":

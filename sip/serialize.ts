@@ -228,7 +228,8 @@ function hasTag(b: Uint8Array, s: number, e: number): boolean {
  * is appended to a To line that has no tag (RFC 3261 §8.2.6.2 asks for one on a final response).
  * Meant for cheap 503 answers under overload.
  *
- * Returns null when the input is not a request or any of those headers is missing.
+ * Returns null when the input is not a request or has no Via or no CSeq (nothing a client could
+ * match); missing From, To or Call-ID lines are left out.
  */
 export function quickResponse(
   bytes: Uint8Array,
@@ -281,14 +282,18 @@ export function quickResponse(
     }
     ls = next;
   }
-  if (seen !== 0b111110) return null;
+  // Via (where to send) and CSeq (what a client matches, RFC 3261 §17.1.3) are needed; From, To
+  // and Call-ID are copied when present, so a request missing them still gets its 400 (RFC 4475
+  // §3.3.1).
+  if ((seen & 0b100010) !== 0b100010) return null;
   let tail = "";
   if (extra !== undefined) {
     for (const [name, value] of extra) tail += canonicalHeaderName(name) + ": " + value + "\r\n";
   }
   tail += "Content-Length: 0\r\n\r\n";
   const statusLine = "SIP/2.0 " + status + " " + reason + "\r\n";
-  const tag = toTag !== undefined && !hasTag(bytes, ranges[toRange]!, ranges[toRange + 1]!)
+  const tag = toTag !== undefined && toRange >= 0 &&
+      !hasTag(bytes, ranges[toRange]!, ranges[toRange + 1]!)
     ? ";tag=" + toTag
     : "";
   const max = size + ranges.length + 3 * (statusLine.length + tail.length + tag.length);

@@ -402,3 +402,39 @@ Deno.test("header decoders never throw on damaged values (RFC 4475 §3.1.2)", ()
     splitList(s);
   }
 });
+
+Deno.test("header decoders reject what the fuzzer and RFC 4475/5118 found slipping through", async (t) => {
+  await t.step("an unquoted display name is tokens and LWS only (RFC 4475 §3.1.2.15)", () => {
+    assert.equal(parseNameAddr("Bell, Alexander <sip:a@example.com>").ok, false);
+    assert.equal(parseNameAddr("Bob (mobile) <sip:a@example.com>").ok, false);
+    const ok = parseNameAddr("Bob  Smith-Jr. <sip:a@example.com>");
+    assert.ok(ok.ok && ok.value.displayName === "Bob  Smith-Jr.");
+    assert.ok(parseNameAddr('"Bell, Alexander" <sip:a@example.com>').ok);
+  });
+  await t.step(
+    "an addr-spec with URI headers must be in <> (RFC 3261 §20.10, RFC 4475 §3.1.2.13)",
+    () => {
+      assert.equal(parseNameAddr("sip:user@example.com?Route=%3Csip:x%3E").ok, false);
+      assert.ok(parseNameAddr("<sip:user@example.com?Route=%3Csip:x%3E>").ok);
+    },
+  );
+  await t.step("IPv6 references must be IPv6 addresses (RFC 5118 §4.10, RFC 4291 §2.2)", () => {
+    for (const good of ["::1", "2001:db8::10", "::ffff:192.0.2.10", "1:2:3:4:5:6:7:8", "fe80::"]) {
+      assert.ok(parseUri(`sip:[${good}]:5060`).ok, good);
+    }
+    for (
+      const bad of [
+        "2001:db8:::192.0.2.1",
+        "1::2::3",
+        "12345::",
+        ":::",
+        "",
+        "1:2:3:4:5:6:7",
+        "::ffff:1.2.3.256",
+      ]
+    ) {
+      assert.equal(parseUri(`sip:[${bad}]`).ok, false, bad);
+      assert.equal(parseVia(`SIP/2.0/UDP [${bad}];branch=z9hG4bK1`).ok, false, bad);
+    }
+  });
+});

@@ -459,3 +459,40 @@ Deno.test("parseMessage() and decoders on RFC 4475 cases a registrar meets", asy
     },
   );
 });
+
+Deno.test("parseMessage() rejects what the fuzzer found slipping through", async (t) => {
+  await t.step("a control character inside the Request-URI is a 400 (RFC 3261 §25.1)", () => {
+    for (const ctl of ["\u000b", "\u0000", "\u007f", "\u000c"]) {
+      const r = parseMessage(msg(`REGISTER sip:a${ctl}b@example.com SIP/2.0`, ...BASE, "", ""));
+      assert.equal(r.ok, false, JSON.stringify(ctl));
+      if (!r.ok) assert.equal(r.status, 400);
+    }
+  });
+  await t.step(
+    "a second To, From, CSeq or Call-ID line is a 400 (RFC 3261 §7.3, RFC 4475 §3.3.8)",
+    () => {
+      for (
+        const extra of [
+          "To: <sip:eve@example.com>",
+          "f: <sip:eve@example.com>;tag=2",
+          "CSeq: 2 REGISTER",
+          "i: other",
+        ]
+      ) {
+        const r = parseMessage(msg("REGISTER sip:example.com SIP/2.0", ...BASE, extra, "", ""));
+        assert.equal(r.ok, false, extra);
+        if (!r.ok) assert.match(r.reason, /^Multiple /);
+      }
+      // Via and other list headers may repeat.
+      req(
+        msg(
+          "REGISTER sip:example.com SIP/2.0",
+          ...BASE,
+          "v: SIP/2.0/TCP b;branch=z9hG4bK2",
+          "",
+          "",
+        ),
+      );
+    },
+  );
+});

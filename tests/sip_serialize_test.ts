@@ -179,15 +179,32 @@ Deno.test("quickResponse() without a full parse (RFC 3261 §8.2.6.2, §21.5.4 50
     const m2 = parse(quickResponse(fixture("wsinv.txt"), 503, "Service Unavailable", [], "t1")!);
     assert.equal(tagOf(header(m2, "to")!), "1918181833n");
   });
-  await t.step("null when a required header is missing or the input is a response", () => {
-    assert.equal(
-      quickResponse(enc.encode(TWO_VIAS.replace("i: call-1@host\r\n", "")), 503, "x"),
-      null,
-    );
+  await t.step("null without Via or CSeq, or when the input is a response", () => {
+    for (const line of ["CSeq: 1 REGISTER\r\n", "Via: SIP/2.0/UDP a;branch=z9hG4bK1\r\n"]) {
+      const raw = enc.encode(
+        `REGISTER sip:x SIP/2.0\r\n${line}From: <sip:a@x>;tag=1\r\nTo: <sip:a@x>\r\ni: c\r\n\r\n`,
+      );
+      assert.equal(quickResponse(raw, 503, "x"), null, line);
+    }
     assert.equal(quickResponse(fixture("response.txt"), 503, "x"), null);
     assert.equal(quickResponse(new Uint8Array(), 503, "x"), null);
     assert.equal(quickResponse(enc.encode("REGISTER sip:x SIP/2.0"), 503, "x"), null);
   });
+  await t.step(
+    "a request missing From, To or Call-ID still gets its answer (RFC 4475 §3.3.1)",
+    () => {
+      const raw = enc.encode(TWO_VIAS.replace("i: call-1@host\r\n", ""));
+      const text = dec.decode(quickResponse(raw, 400, "Missing Call-ID header", [], "t9")!);
+      assert.match(text, /^SIP\/2\.0 400 Missing Call-ID header\r\n/);
+      assert.doesNotMatch(text, /\r\ni:/i);
+      const bare = enc.encode("X sip:a SIP/2.0\r\nv: SIP/2.0/UDP a\r\nCSeq: 1 X\r\n\r\n");
+      const small = dec.decode(quickResponse(bare, 400, "Bad", [], "t9")!);
+      assert.equal(
+        small,
+        "SIP/2.0 400 Bad\r\nv: SIP/2.0/UDP a\r\nCSeq: 1 X\r\nContent-Length: 0\r\n\r\n",
+      );
+    },
+  );
   await t.step("Via-like names are not confused (Viax:, Tox:)", () => {
     const raw = enc.encode(
       TWO_VIAS.replace("Max-Forwards: 69", "Vias: nope\r\nTox: nope\r\nCSeqx: nope"),
