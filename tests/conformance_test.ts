@@ -8,6 +8,13 @@
  *
  * It also checks that the server never amplifies over UDP and answers only the packet's source
  * address (RFC 3581, RFC 3261 §18.2.2), whatever the Via says.
+ *
+ * Not modelled, with the reason:
+ * - RFC 4475 §3.1.2.11 (escruri), §3.1.2.14 (badaspec): the RFC leaves a registrar's answer open.
+ * - RFC 4475 §3.1.2.12 (baddate): a registrar does not read Date.
+ * - RFC 4475 §3.3.6 (invut), §3.3.15 (sdp01), RFC 5118 §4.6, §4.8: about bodies/SDP of INVITEs,
+ *   which a registrar answers 405 without reading.
+ * - RFC 4475 §3.3.7 (regaut01): needs `--auth`, hence the PostgreSQL store (auth_e2e_test.ts).
  */
 import assert from "node:assert/strict";
 import { type Datagram, statusOf, UdpPeer } from "../fuzz/client.ts";
