@@ -53,6 +53,18 @@ export interface ServeConfig {
   readonly maxFlowsPerWorker: number;
   /** TCP flows one source IP may hold. @default 1000 */
   readonly maxFlowsPerIp: number;
+  /** REGISTERs per second one source IP may send (pike-like); 0 turns the limit off. @default 50 */
+  readonly registerRate: number;
+  /** REGISTERs a quiet source may send at once. @default 200 */
+  readonly registerBurst: number;
+  /** What happens to a REGISTER over the limit: a 503 with Retry-After, or silence. @default "503" */
+  readonly limitAction: "503" | "drop";
+  /** New TCP connections per second one source IP may open; 0 turns the limit off. @default 20 */
+  readonly connectRate: number;
+  /** New TCP connections a quiet source may open at once. @default 100 */
+  readonly connectBurst: number;
+  /** Longest Contact (URI and parameters) stored, bytes: bounds what a query REGISTER returns. @default 512 */
+  readonly maxContactLength: number;
   /** Queue delay (ms) above which classify refuses new requests with 503. @default 30 */
   readonly admissionDelayMs: number;
   /** The location store: "memory" (nothing kept) or "postgres" (a server URL or the embedded default). */
@@ -95,6 +107,12 @@ Options:
   --workers N              worker processes (default: cores, or max-flows / 19000 if more)
   --max-flows N            TCP flows the box holds (default workers x 19000)
   --max-flows-per-ip N     TCP flows one source IP holds (default 1000)
+  --register-rate N        REGISTERs per second per source IP, 0 off (default 50)
+  --register-burst N       REGISTERs a quiet source may send at once (default 200)
+  --limit-action A         over the REGISTER limit: 503 or drop (default 503)
+  --connect-rate N         new TCP connections per second per source IP, 0 off (default 20)
+  --connect-burst N        new TCP connections a quiet source may open at once (default 100)
+  --max-contact-length B   longest Contact stored (default 512)
   --admission-delay MS     queue delay above which new requests get 503 (default 30)
   --store memory|postgres  where bindings live (default postgres: --db, DATABASE_URL or embedded)
   --db URL                 PostgreSQL server URL (default: $DATABASE_URL, else the embedded engine)
@@ -181,6 +199,12 @@ export function parseServeArgs(
         workers: { type: "string" },
         "max-flows-per-ip": { type: "string" },
         "admission-delay": { type: "string" },
+        "register-rate": { type: "string" },
+        "register-burst": { type: "string" },
+        "limit-action": { type: "string" },
+        "connect-rate": { type: "string" },
+        "connect-burst": { type: "string" },
+        "max-contact-length": { type: "string" },
         store: { type: "string" },
         db: { type: "string" },
         "data-dir": { type: "string" },
@@ -259,6 +283,10 @@ export function parseServeArgs(
   if (udpTransport === "reuseport" && Deno.build.os !== "linux") {
     throw new ConfigError(`invalid --udp-transport reuseport: needs Linux; use dgram`);
   }
+  const limitAction = values["limit-action"] ?? "503";
+  if (limitAction !== "503" && limitAction !== "drop") {
+    throw new ConfigError(`invalid --limit-action "${limitAction}": expected 503 or drop`);
+  }
   const db = values.db ?? env["DATABASE_URL"] ?? null;
   const maxFlows = flowsAsked ?? workers * FLOWS_PER_WORKER;
   if (maxFlows / workers > FLOWS_PER_WORKER) {
@@ -285,6 +313,12 @@ export function parseServeArgs(
     maxFlows,
     maxFlowsPerWorker: Math.ceil(maxFlows / workers),
     maxFlowsPerIp: integer("max-flows-per-ip", values["max-flows-per-ip"], 1000, 1, 10_000_000),
+    registerRate: integer("register-rate", values["register-rate"], 50, 0, 10_000_000),
+    registerBurst: integer("register-burst", values["register-burst"], 200, 1, 10_000_000),
+    limitAction,
+    connectRate: integer("connect-rate", values["connect-rate"], 20, 0, 10_000_000),
+    connectBurst: integer("connect-burst", values["connect-burst"], 100, 1, 10_000_000),
+    maxContactLength: integer("max-contact-length", values["max-contact-length"], 512, 64, 65536),
     admissionDelayMs: integer("admission-delay", values["admission-delay"], 30, 1, 60_000),
     store,
     db,

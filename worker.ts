@@ -11,6 +11,7 @@ import { createFrameStage, type FrameInput } from "./stages/frame.ts";
 import type { Inbound, Reply } from "./stages/items.ts";
 import { createRegistrarStage, type RegistrarAuth } from "./stages/registrar.ts";
 import { createRespondStage } from "./stages/respond.ts";
+import { SourceRateLimiter } from "./stages/limits.ts";
 import type { Stage } from "./stages/runtime.ts";
 import type { LocationStore } from "./storage/location_store.ts";
 import { listenTcp, type TcpTransport } from "./transport/tcp.ts";
@@ -69,6 +70,7 @@ export async function startWorker(options: WorkerOptions): Promise<Worker> {
     maxExpires: config.maxExpires,
     defaultExpires: config.defaultExpires,
     maxBindings: config.maxBindingsPerAor,
+    maxContactLength: config.maxContactLength,
     worker: options.id,
     auth: options.auth,
     respond: respondOffer,
@@ -76,6 +78,14 @@ export async function startWorker(options: WorkerOptions): Promise<Worker> {
   });
   const classify = createClassifyStage({
     registrar: registrar.stage,
+    registerLimit: config.registerRate > 0
+      ? new SourceRateLimiter({
+        ratePerSecond: config.registerRate,
+        burst: config.registerBurst,
+        maxSources: 65536,
+      })
+      : null,
+    limitAction: config.limitAction,
     admissionDelayMs: config.admissionDelayMs,
     respond: respondOffer,
     onError,
@@ -93,6 +103,13 @@ export async function startWorker(options: WorkerOptions): Promise<Worker> {
   const accept = createAcceptStage({
     maxFlows: config.maxFlowsPerWorker,
     maxFlowsPerIp: config.maxFlowsPerIp,
+    connectLimit: config.connectRate > 0
+      ? new SourceRateLimiter({
+        ratePerSecond: config.connectRate,
+        burst: config.connectBurst,
+        maxSources: 65536,
+      })
+      : null,
     idleTimeout: config.idleTimeout,
     table: flows,
     onData: (flow, bytes) => {

@@ -56,6 +56,11 @@ export function citysipCommand(o: CitysipCommandOptions): string[] {
     `udp:127.0.0.1:${o.port}`,
     "--listen",
     `tcp:127.0.0.1:${o.port}`,
+    // The load generator is one source address: per-source limits would measure themselves.
+    "--register-rate",
+    "0",
+    "--connect-rate",
+    "0",
   ];
   if (o.store === "memory") cmd.push("--store", "memory");
   else cmd.push("--db", o.dbUrl);

@@ -6,6 +6,7 @@
  * @module
  */
 import { Flow, type FlowSocket } from "../transport/tcp.ts";
+import type { SourceRateLimiter } from "./limits.ts";
 import { Stage } from "./runtime.ts";
 
 /** Queue and worker settings: accepting is synchronous, one at a time. */
@@ -56,6 +57,8 @@ function stripMapped(address: string): string {
 export interface AcceptOptions {
   readonly maxFlows: number;
   readonly maxFlowsPerIp: number;
+  /** Per-source new-connection limiter, or null for none. */
+  readonly connectLimit: SourceRateLimiter | null;
   /** Seconds of silence after which a flow is closed; 0 never. */
   readonly idleTimeout: number;
   readonly table: FlowTable;
@@ -81,6 +84,11 @@ export function createAcceptStage(
         return;
       }
       const address = stripMapped(socket.remoteAddress ?? "");
+      if (options.connectLimit !== null && !options.connectLimit.allow(address, Date.now())) {
+        stage.drop("connect-rate");
+        socket.destroy();
+        return;
+      }
       if ((table.perIp.get(address) ?? 0) >= options.maxFlowsPerIp) {
         stage.drop("max-flows-per-ip");
         socket.destroy();

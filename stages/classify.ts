@@ -16,6 +16,7 @@
 import { scanFirstLine } from "../sip/first_line.ts";
 import { quickResponse } from "../sip/serialize.ts";
 import type { Inbound, Reply } from "./items.ts";
+import type { SourceRateLimiter } from "./limits.ts";
 import { localTag } from "./respond.ts";
 import { Stage } from "./runtime.ts";
 
@@ -28,6 +29,10 @@ export interface ClassifyOptions {
   readonly registrar: Stage<Inbound>;
   /** Queue delay (ms) above which new requests are refused. */
   readonly admissionDelayMs: number;
+  /** Per-source REGISTER limiter, or null for none. */
+  readonly registerLimit: SourceRateLimiter | null;
+  /** Over the limit: answer 503 + Retry-After, or drop silently. */
+  readonly limitAction: "503" | "drop";
   /** The respond stage, for 503s and 400s built here. */
   readonly respond: (reply: Reply) => void;
   readonly onError: (error: unknown, stage: string) => void;
@@ -65,30 +70,38 @@ export function createClassifyStage(options: ClassifyOptions): Stage<Inbound> {
         return reply(inbound, 400, "Bad Request Line", bytes);
       }
       if (method === "ACK") return stage.drop("ack-absorbed");
+      if (
+        cls === 2 && options.registerLimit !== null &&
+        !options.registerLimit.allow(inbound.source.address, Date.now())
+      ) {
+        // A pike-like limit per source IP: one flooding source cannot crowd out the others.
+        if (options.limitAction === "drop") return stage.drop("rate-limited");
+        return refuse(inbound, options.admissionDelayMs, "rate-limited");
+      }
       if (cls >= 2) {
         const delay = registrar.queueDelayMs();
         const target = cls === 2 ? options.admissionDelayMs : options.admissionDelayMs / 2;
         if (delay > target || registrar.free === 0) {
-          return refuse(inbound, delay);
+          return refuse(inbound, delay, "overload-503");
         }
       }
       inbound.flow?.requestStarted();
       if (!registrar.offer(inbound, cls === 1)) {
         inbound.flow?.requestDone();
-        refuse(inbound, registrar.queueDelayMs());
+        refuse(inbound, registrar.queueDelayMs(), "overload-503");
       }
     },
   });
 
-  function refuse(inbound: Inbound, delayMs: number): void {
+  function refuse(inbound: Inbound, delayMs: number, why: string): void {
     // Retry-After grows with the overload: the time the backlog needs, at least 1 s (RFC 3261 §21.5.4).
     const retryAfter = Math.min(60, Math.max(1, Math.ceil(delayMs / options.admissionDelayMs)));
     const bytes = quickResponse(inbound.bytes, 503, "Service Unavailable", [[
       "Retry-After",
       String(retryAfter),
     ]], localTag());
-    if (bytes === null) return stage.drop("overload-unanswerable");
-    stage.drop("overload-503");
+    if (bytes === null) return stage.drop(`${why}-unanswerable`);
+    stage.drop(why);
     reply(inbound, 503, "Service Unavailable", bytes);
   }
   return stage;

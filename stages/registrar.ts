@@ -88,6 +88,8 @@ export interface RegistrarOptions {
   readonly maxExpires: number;
   readonly defaultExpires: number;
   readonly maxBindings: number;
+  /** Longest Contact stored, bytes (bounds a query's answer, so UDP cannot amplify much). */
+  readonly maxContactLength: number;
   /** This worker's number, recorded with each binding. */
   readonly worker: number;
   readonly auth: RegistrarAuth | null;
@@ -214,6 +216,10 @@ export function createRegistrarStage(
       return { status: 404, reason: "Not Found" };
     }
     const aor = aorOf(toUri.value);
+    // §20.20: From must be a valid name-addr or addr-spec (RFC 4475 §3.1.2.15 baddn).
+    if (!parseNameAddr(header(req, "from")!, "From").ok) {
+      return { status: 400, reason: "Malformed From Header" };
+    }
     // Steps 3-4: authenticate, and the user may only register its own AOR.
     if (options.auth !== null) {
       const auth = await options.auth.check(
@@ -275,6 +281,9 @@ export function createRegistrarStage(
         let contact = `<${c.uri}>`;
         for (const [name, value] of c.params) {
           if (name !== "expires") contact += value === null ? `;${name}` : `;${name}=${value}`;
+        }
+        if (contact.length > options.maxContactLength) {
+          return { status: 400, reason: "Contact Too Long" };
         }
         changes.push({
           key: instance !== null && regId !== null

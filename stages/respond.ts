@@ -37,7 +37,11 @@ export function responseVia(
     via = via.replace(/;\s*rport(?=\s*(;|$))/i, `;rport=${port}`);
   }
   const sentByHost = v.host.replace(/^\[|\]$/g, "").toLowerCase();
-  if (sentByHost !== address.toLowerCase() && !v.params.has("received")) {
+  if (v.params.has("received")) {
+    // §18.2.1: the server sets received itself; a client's own value is replaced, never trusted.
+    via = via.replace(/;\s*received\s*=\s*[^;]*/i, "");
+  }
+  if (sentByHost !== address.toLowerCase()) {
     via += `;received=${address}`;
   }
   return { via, port: wantsRport ? port : v.port ?? 5060 };

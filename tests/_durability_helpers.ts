@@ -183,7 +183,20 @@ export async function startCitysip(
   const env = Deno.env.toObject();
   delete env["DATABASE_URL"];
   const child = new Deno.Command("setsid", {
-    args: [Deno.execPath(), "run", "--allow-all", "--unstable-net", MAIN, "serve", ...flags],
+    // Load from one address (127.0.0.1): per-source limits off.
+    args: [
+      Deno.execPath(),
+      "run",
+      "--allow-all",
+      "--unstable-net",
+      MAIN,
+      "serve",
+      "--register-rate",
+      "0",
+      "--connect-rate",
+      "0",
+      ...flags,
+    ],
     clearEnv: true,
     env: { ...env, ...options.env },
     stdin: "null",

@@ -83,6 +83,9 @@ export async function startServer(options: StartOptions = {}): Promise<TestServe
   }
   if (!flags.includes("--store")) flags.push("--store", "memory");
   if (!flags.includes("--workers")) flags.push("--workers", "1");
+  // The tests' load comes from one address (127.0.0.1): per-source limits off unless a test asks.
+  if (!flags.includes("--register-rate")) flags.push("--register-rate", "0");
+  if (!flags.includes("--connect-rate")) flags.push("--connect-rate", "0");
   const expected = flags.filter((f) => f === "--listen").length;
 
   const { command, args } = mainCommand(["serve", ...flags]);
