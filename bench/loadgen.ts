@@ -34,6 +34,9 @@ export const MAX_SOCKETS_PER_WORKER = 18_000;
 
 const WORKER_URL = new URL("./loadgen_worker.ts", import.meta.url);
 
+/** The worker's command handler (named here so `deno check bench/main.ts` checks the worker). */
+export type WorkerHandler = typeof import("./loadgen_worker.ts")["handle"];
+
 /** Defaults for every {@linkcode RunSpec} field the caller leaves out. */
 export const RUN_DEFAULTS: Omit<RunSpec, "mode" | "host" | "port"> = {
   loop: "closed",

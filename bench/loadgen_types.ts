@@ -75,7 +75,10 @@ export interface RunResult {
   retransmits: number;
   /** Open loop: due requests not sent because `maxOutstanding` was reached. */
   skipped: number;
-  /** Measuring window: from the end of warm-up to the last measured completion, ms. */
+  /**
+   * Measuring window: from the end of warm-up to the end of sending, ms. Rates divide by it;
+   * answers that arrive after it (within the time limit) still count for their requests.
+   */
   measuredMs: number;
   /** Latency of 2xx responses (from first send, or from connect for per-connection modes). */
   latency: HistogramJson;

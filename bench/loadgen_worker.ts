@@ -65,6 +65,8 @@ class Tally {
   retransmits = 0;
   skipped = 0;
   lastDone = 0;
+  /** When sending stopped (the end of the measuring window); 0 until then. */
+  windowEnd = 0;
   latency = new Histogram();
   latency503 = new Histogram();
   loopLag = new Histogram();
@@ -107,7 +109,7 @@ class Tally {
       connectErrors: this.connectErrors,
       retransmits: this.retransmits,
       skipped: this.skipped,
-      measuredMs: Math.max(0, this.lastDone - measureStart),
+      measuredMs: Math.max(0, (this.windowEnd || this.lastDone) - measureStart),
       latency: this.latency.toJSON(),
       latency503: this.latency503.toJSON(),
       statuses: this.statuses,
@@ -312,14 +314,41 @@ async function run(worker: number, spec: RunSpec): Promise<RunResult> {
       c.sock.write(build(s, p.user, c.sock.localPort ?? 5060));
       return;
     }
-    // One connection per request: connect, send, and on the answer hold or close.
-    const so = connect(spec.host, spec.port, nextSrc());
-    const c: Conn = { sock: so, buf: "", index: s, user: p.user, open: true };
+    // One connection per request: connect, send, and on the answer hold or close. The source
+    // port is named (see nextLocalPort); one still in TIME_WAIT is skipped.
+    const src = nextSrc();
+    const c: Conn = {
+      sock: null as unknown as net.Socket,
+      buf: "",
+      index: s,
+      user: p.user,
+      open: true,
+    };
     p.conn = c;
-    so.once("connect", () => so.write(build(s, p.user, so.localPort ?? 5060)));
-    so.on("error", () => failConn(c));
-    so.on("close", () => failConn(c));
-    attachReader(c);
+    const attempt = (tries: number): void => {
+      const so = connect(spec.host, spec.port, src, src ? nextLocalPort(src) : undefined);
+      c.sock = so;
+      let connected = false;
+      so.once("connect", () => {
+        connected = true;
+        so.write(build(s, p.user, so.localPort ?? 5060));
+      });
+      so.on("error", (e: Error & { code?: string }) => {
+        const busy = e.code === "EADDRINUSE" || e.code === "EADDRNOTAVAIL";
+        if (!connected && busy && src && tries < 20 && c.open) {
+          so.removeAllListeners();
+          so.destroy();
+          attempt(tries + 1);
+          return;
+        }
+        failConn(c);
+      });
+      so.on("close", () => {
+        if (c.sock === so) failConn(c);
+      });
+      attachReader(c);
+    };
+    attempt(0);
   };
 
   onFinal = (p: Pending): void => {
@@ -424,6 +453,7 @@ async function run(worker: number, spec: RunSpec): Promise<RunResult> {
       }
       stopped = true;
     }
+    tally.windowEnd = Math.min(now(), sendEnd);
     const drainEnd = now() + spec.timeoutMs + 200;
     while (pending.size > 0 && now() < drainEnd) {
       await Promise.race([new Promise<void>((r) => (wake = r)), sleep(100)]);
@@ -653,6 +683,7 @@ async function refresh(
       }
       await sleep(2);
     }
+    tally.windowEnd = now();
     const drainEnd = now() + spec.timeoutMs;
     while (pending.size > 0 && now() < drainEnd) await sleep(10);
     tally.timeouts += pending.size;
@@ -665,7 +696,8 @@ async function refresh(
 let lastOpenProto: "sip" | "echo" = "sip";
 let lastTarget: { host: string; port: number } = { host: "127.0.0.1", port: 5060 };
 
-async function handle(cmd: Command): Promise<Reply> {
+/** Runs one command; exported so that type checking of the coordinator reaches this file. */
+export async function handle(cmd: Command): Promise<Reply> {
   switch (cmd.op) {
     case "run":
       return { id: cmd.id, ok: true, run: await run(cmd.worker, cmd.spec) };

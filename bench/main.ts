@@ -129,6 +129,9 @@ export async function runBench(flags: BenchFlags): Promise<string> {
   }
   const ctx: Context = { plan, targets: flags.targets, unavailable, log, results: {} };
   const machine = await machineFacts();
+  await Deno.mkdir(flags.out, { recursive: true });
+  const stamp = started.toISOString().replace(/[:.]/g, "-");
+  const file = `${flags.out}/${stamp}.json`;
   // Other work on the box skews every figure: measure it before starting, and say so.
   const idle = cpuMeter(null);
   await new Promise((r) => setTimeout(r, 1000));
@@ -167,9 +170,19 @@ export async function runBench(flags: BenchFlags): Promise<string> {
       ctx.results[s] = { not_measured: `failed: ${msg.split("\n")[0]}` };
     }
     timings[s] = Math.round((performance.now() - s0) / 100) / 10;
+    // Partial results after every scenario: an interrupted run still leaves its data.
+    await Deno.writeTextFile(
+      file,
+      JSON.stringify({
+        partial: true,
+        started: started.toISOString(),
+        flags,
+        results: ctx.results,
+      }) +
+        "\n",
+    );
   }
   const summary = buildSummary(ctx.results, machine);
-  const stamp = started.toISOString().replace(/[:.]/g, "-");
   const doc = {
     version: 1,
     started: started.toISOString(),
@@ -201,8 +214,6 @@ export async function runBench(flags: BenchFlags): Promise<string> {
     summary,
     results: ctx.results,
   };
-  await Deno.mkdir(flags.out, { recursive: true });
-  const file = `${flags.out}/${stamp}.json`;
   await Deno.writeTextFile(file, JSON.stringify(doc, null, 1) + "\n");
   const summaryFile = `${flags.out}/${flags.quick ? "summary.quick.json" : "summary.json"}`;
   await Deno.writeTextFile(summaryFile, JSON.stringify(summary, null, 2) + "\n");

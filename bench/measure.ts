@@ -15,13 +15,18 @@ function readText(path: string): string | null {
   }
 }
 
-/** Parent pid and CPU ticks of one process from /proc/PID/stat, or null if gone. */
+/** Parent pid and CPU ticks (its own and its reaped children's) from /proc/PID/stat. */
 function statOf(pid: number): { ppid: number; ticks: number } | null {
   const s = readText(`/proc/${pid}/stat`);
   if (s === null) return null;
   // The command name is in parentheses and may contain spaces: split after the last ")".
   const f = s.slice(s.lastIndexOf(")") + 2).split(" ");
-  return { ppid: Number(f[1]), ticks: Number(f[11]) + Number(f[12]) };
+  // utime + stime, plus cutime + cstime: children that exited (PostgreSQL backends, say)
+  // keep counting in their parent, so a tree's total never goes down.
+  return {
+    ppid: Number(f[1]),
+    ticks: Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14]),
+  };
 }
 
 /** `pid` and all its descendants (children, grandchildren, ...), alive now. */

@@ -129,7 +129,14 @@ export async function runSipp(o: SippOptions): Promise<SippResult> {
       } catch { /* exited */ }
     };
     const timer = setInterval(sample, 100);
+    // SIPp's -timeout does not always end it (calls still retransmitting): our own bound.
+    const killer = setTimeout(() => {
+      try {
+        Deno.kill(child.pid, "SIGKILL");
+      } catch { /* exited */ }
+    }, (o.timeoutS + 3) * 1000);
     await child.status;
+    clearTimeout(killer);
     clearInterval(timer);
     unregister();
     const wall = (performance.now() - t0) / 1000;
