@@ -16,8 +16,8 @@
  * 3. Throughput: a client process keeps `inflight` messages of `bytes` bytes outstanding, over one
  *    connection (pipelined) and over 200 connections (one each); the server answers each whole
  *    message with one write of it (one response per request, as SIP does). Messages per second over
- *    `seconds` after a one-second warm-up; server CPU per message; client CPU, to show whether the
- *    client was the limit (both share this box's cores).
+ *    `seconds` after a one-second warm-up, median of three alternating runs; server CPU per message;
+ *    client CPU, to show whether the client was the limit (both share this box's cores).
  *
  * Roles (used by the runner itself): `server net|ffi hold|echo`, `hold PORT N`,
  * `load PORT CONNS INFLIGHT BYTES SECONDS`. Every process is ended before the next scenario.
@@ -31,6 +31,8 @@ import { type FlowSocket, listenTcp } from "../transport/tcp.ts";
 import { listenTcpReusePort } from "../transport/tcp_ffi.ts";
 
 const HOST = "127.0.0.1";
+/** Runs of each throughput scenario (the median is reported). */
+const ROUNDS = 3;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** Lines of text from a byte stream. */
@@ -436,19 +438,29 @@ if (import.meta.main) {
       }
     }
     console.log(
-      `\n## Request/response throughput (${size}-byte messages, ${inflight} in flight, ${seconds} s)\n`,
+      `\n## Request/response throughput (${size}-byte messages, ${inflight} in flight, ${seconds} s; ` +
+        `load average before: ${Deno.loadavg()[0]})\n`,
     );
     console.log(
-      `| transport | connections | messages/s | server CPU µs/msg | client CPU (cores) |`,
+      `| transport | connections | messages/s, median (range) of ${ROUNDS} | server CPU µs/msg | ` +
+        `client CPU (cores) |`,
     );
     console.log(`| --- | --- | --- | --- | --- |`);
     for (const conns of only === "memory" ? [] : [1, 200]) {
-      for (const impl of ["net", "ffi"]) {
-        const r = await rateScenario(impl, conns, inflight, size, seconds);
+      // Runs alternate between the transports; the median of `ROUNDS` is reported, with the range.
+      const runs = new Map<string, RateResult[]>([["net", []], ["ffi", []]]);
+      for (let round = 0; round < ROUNDS; round++) {
+        for (const impl of ["net", "ffi"]) {
+          runs.get(impl)!.push(await rateScenario(impl, conns, inflight, size, seconds));
+        }
+      }
+      for (const [impl, rs] of runs) {
+        rs.sort((a, b) => a.rate - b.rate);
+        const mid = rs[Math.floor(rs.length / 2)]!;
         console.log(
-          `| ${label(r.impl)} | ${r.conns} | ${r.rate} | ${r.serverCpuPerMsg.toFixed(1)} | ${
-            r.clientCpu.toFixed(2)
-          } |`,
+          `| ${label(impl)} | ${conns} | ${mid.rate} (${rs[0]!.rate}-${
+            rs[rs.length - 1]!.rate
+          }) | ${mid.serverCpuPerMsg.toFixed(1)} | ${mid.clientCpu.toFixed(2)} |`,
         );
       }
     }
