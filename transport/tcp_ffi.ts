@@ -80,6 +80,9 @@ const DRAIN_BATCHES = 4;
 const HIGH_WATER = 16384;
 /** How long the listener rests after `EMFILE`/`ENFILE` before accepting again, ms. */
 const ACCEPT_REST_MS = 100;
+/** Descriptors left free for the runtime (Deno panics in places when it cannot open one). */
+const FD_RESERVE = 64;
+const RLIMIT_NOFILE = 7;
 /** Address strings kept for reuse (many flows from one address share one string). */
 const ADDRESS_CACHE = 4096;
 /** `struct epoll_event` is packed on x86_64 (12 bytes), naturally aligned elsewhere (16). */
@@ -102,6 +105,7 @@ const SYMBOLS = {
   shutdown: { parameters: ["i32", "i32"], result: "i32" },
   close: { parameters: ["i32"], result: "i32" },
   eventfd: { parameters: ["u32", "i32"], result: "i32" },
+  getrlimit: { parameters: ["i32", "buffer"], result: "i32" },
   epoll_create1: { parameters: ["i32"], result: "i32" },
   epoll_ctl: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
   epoll_wait: { parameters: ["i32", "pointer", "i32", "i32"], result: "i32" },
@@ -563,6 +567,7 @@ class Loop {
   listening = true;
   resting: ReturnType<typeof setTimeout> | undefined;
   acceptErrors = 0;
+  refused = 0;
   socketErrors = 0;
   loopErrors = 0;
   accepted = 0;
@@ -577,6 +582,8 @@ class Loop {
     /** The local address when the listener is bound to one (not a wildcard): shared by all flows. */
     readonly fixedLocal: { address: string; port: number } | null,
     readonly onConnection: (socket: FlowSocket) => void,
+    /** Accepted descriptors at or above this number are closed at once (counted in `refused`). */
+    readonly fdCeiling: number,
   ) {
     this.listenFd = listenFd;
   }
@@ -624,6 +631,12 @@ class Loop {
           return;
         }
         continue; // ECONNABORTED, EPROTO, …: that connection is gone, take the next
+      }
+      if (fd >= this.fdCeiling) {
+        // Close to the descriptor limit: refuse cleanly rather than starve the runtime.
+        lib.close(fd);
+        this.refused++;
+        continue;
       }
       const peer = decodeSockaddr(this.peerAddr);
       let local = this.fixedLocal;
@@ -730,6 +743,18 @@ class Loop {
   }
 }
 
+/**
+ * The lowest descriptor number not to keep: the soft `RLIMIT_NOFILE` less a reserve of
+ * {@link FD_RESERVE} (a quarter of the limit when that is smaller). Descriptors are allocated
+ * lowest-first, so an accepted descriptor's number tells how full the table is.
+ */
+function fdCeiling(lib: Libc): number {
+  const rl = new BigUint64Array(2);
+  if (lib.getrlimit(RLIMIT_NOFILE, new Uint8Array(rl.buffer)) < 0) return 0x7fffffff;
+  const soft = rl[0]! > 0x7fffffffn ? 0x7fffffff : Number(rl[0]);
+  return soft - Math.min(FD_RESERVE, Math.floor(soft / 4));
+}
+
 /** A {@link TcpTransport} with the FFI transport's counters. */
 export interface TcpFfiTransport extends TcpTransport {
   /** Connections open now. */
@@ -738,6 +763,11 @@ export interface TcpFfiTransport extends TcpTransport {
   readonly accepted: number;
   /** Failed `accept4` calls (`EMFILE`, `ENFILE`, … rest the listener for 100 ms). */
   readonly acceptErrors: number;
+  /**
+   * Connections closed as soon as accepted because the process is within 64 descriptors of its
+   * limit (kept for the runtime, which fails badly without one).
+   */
+  readonly refused: number;
   /** Connections closed by an error (reset, failed send, …). */
   readonly socketErrors: number;
   /** Failed waits and exceptions caught in the event loop. */
@@ -793,7 +823,16 @@ export async function listenTcpReusePort(
   opened.push(wakeFd);
 
   const wildcard = address === "0.0.0.0" || address === "::";
-  const loop = new Loop(ffi, epfd, wakeFd, fd, family, wildcard ? null : bound, onConnection);
+  const loop = new Loop(
+    ffi,
+    epfd,
+    wakeFd,
+    fd,
+    family,
+    wildcard ? null : bound,
+    onConnection,
+    fdCeiling(lib),
+  );
   if (loop.ctl(EPOLL_CTL_ADD, wakeFd, EPOLLIN, 0) < 0) bail("epoll_ctl", errno());
   if (loop.ctl(EPOLL_CTL_ADD, fd, EPOLLIN, 1) < 0) bail("epoll_ctl", errno());
   loop.done = loop.run().catch((error) => {
@@ -812,6 +851,9 @@ export async function listenTcpReusePort(
     },
     get acceptErrors() {
       return loop.acceptErrors;
+    },
+    get refused() {
+      return loop.refused;
     },
     get socketErrors() {
       return loop.socketErrors;
