@@ -29,6 +29,7 @@ import {
   SCENARIOS,
   scenarioSipp,
   scenarioStages,
+  scenarioWorkers,
 } from "./scenarios.ts";
 import type { Context, ScenarioName, TargetName } from "./scenarios.ts";
 import { runCleanups } from "./target.ts";
@@ -147,6 +148,11 @@ export async function runBench(flags: BenchFlags): Promise<string> {
       switch (s) {
         case "register":
           ctx.results.register = await scenarioRegister(ctx, flags.targets);
+          break;
+        case "workers":
+          ctx.results.workers = flags.targets.includes("citysip")
+            ? await scenarioWorkers(ctx)
+            : { not_measured: "citysip is not a target" };
           break;
         case "overload":
           ctx.results.overload = await scenarioOverload(ctx, flags.targets);

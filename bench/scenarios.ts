@@ -24,7 +24,15 @@ import type { SippResult } from "./sipp.ts";
 
 /** Names of the scenarios, in the order a full run performs them. */
 // `conns` runs last: closing 100,000s of flows leaves as many sockets in TIME_WAIT for a minute.
-export const SCENARIOS = ["register", "overload", "stages", "peer", "sipp", "conns"] as const;
+export const SCENARIOS = [
+  "register",
+  "workers",
+  "overload",
+  "stages",
+  "peer",
+  "sipp",
+  "conns",
+] as const;
 /** A scenario name. */
 export type ScenarioName = typeof SCENARIOS[number];
 /** A server under test. */
@@ -238,11 +246,12 @@ export async function withTarget<T>(
   store: StoreMode,
   fn: (t: Target) => Promise<T>,
   echoProcesses = 1,
+  workers?: number,
 ): Promise<T> {
   const t = name === "kamailio"
     ? await startKamailio({ store })
     : name === "citysip"
-    ? await startCitysip({ store })
+    ? await startCitysip(workers === undefined ? { store } : { store, workers })
     : await startEchoServer(await freePort(5270), echoProcesses);
   try {
     return await fn(t);
@@ -308,64 +317,72 @@ export async function registerTarget(
   const plan = ctx.plan;
   const gen = await LoadGen.start(plan.procs);
   try {
-    return await withTarget(name, store, async (t) => {
-      const out: Record<string, ModeResult> = {};
-      let base = 0;
-      for (const mode of MODES_BY_STORE[store]) {
-        base += 1_000_000;
-        const req = baseRequest(plan, t, mode, base);
-        // Closed loop: the median of `closedRounds` rounds (by goodput) stands for the mode.
-        const rounds: Round[] = [];
-        for (let k = 0; k < plan.closedRounds; k++) {
-          const r = await measuredRun(gen, t, {
-            ...req,
-            userBase: base + k * 250_000,
-            loop: "closed",
-            outstanding: plan.outstanding,
-            durationMs: plan.closedMs,
-          });
-          rounds.push(r);
-          ctx.log(`register ${name}/${store} ${mode} closed #${k + 1}: ${describe(r)}`);
-        }
-        const closed = [...rounds].sort((a, b) => a.goodput_per_s - b.goodput_per_s)[
-          Math.floor(rounds.length / 2)
-        ]!;
-        const cap = Math.max(50, closed.goodput_per_s);
-        const sweep: Round[] = [];
-        let sustainable: number | null = null;
-        let p80: number | null = null;
-        for (const f of plan.sweep) {
-          const rate = Math.round(cap * f);
-          const round = await measuredRun(gen, t, {
-            ...req,
-            loop: "open",
-            rate,
-            durationMs: plan.stepMs,
-          });
-          sweep.push(round);
-          const pass = round.success_ratio >= plan.minSuccess &&
-            (round.latency.p99_ms ?? Infinity) <= plan.p99BoundMs &&
-            round.offered_per_s >= 0.95 * rate;
-          if (pass && (sustainable === null || round.goodput_per_s > sustainable)) {
-            sustainable = round.goodput_per_s;
+    // citysip on every core, as Kamailio runs its children on both (the workers scenario shows 1 vs 2).
+    const workers = name === "citysip" ? Math.max(1, navigator.hardwareConcurrency) : undefined;
+    return await withTarget(
+      name,
+      store,
+      async (t) => {
+        const out: Record<string, ModeResult> = {};
+        let base = 0;
+        for (const mode of MODES_BY_STORE[store]) {
+          base += 1_000_000;
+          const req = baseRequest(plan, t, mode, base);
+          // Closed loop: the median of `closedRounds` rounds (by goodput) stands for the mode.
+          const rounds: Round[] = [];
+          for (let k = 0; k < plan.closedRounds; k++) {
+            const r = await measuredRun(gen, t, {
+              ...req,
+              userBase: base + k * 250_000,
+              loop: "closed",
+              outstanding: plan.outstanding,
+              durationMs: plan.closedMs,
+            });
+            rounds.push(r);
+            ctx.log(`register ${name}/${store} ${mode} closed #${k + 1}: ${describe(r)}`);
           }
-          if (Math.abs(f - 0.8) < 1e-9) p80 = round.latency.p99_ms;
-          ctx.log(
-            `register ${name}/${store} ${mode} @${rate}/s: ${describe(round)} ${
-              pass ? "pass" : "FAIL"
-            }`,
-          );
+          const closed = [...rounds].sort((a, b) => a.goodput_per_s - b.goodput_per_s)[
+            Math.floor(rounds.length / 2)
+          ]!;
+          const cap = Math.max(50, closed.goodput_per_s);
+          const sweep: Round[] = [];
+          let sustainable: number | null = null;
+          let p80: number | null = null;
+          for (const f of plan.sweep) {
+            const rate = Math.round(cap * f);
+            const round = await measuredRun(gen, t, {
+              ...req,
+              loop: "open",
+              rate,
+              durationMs: plan.stepMs,
+            });
+            sweep.push(round);
+            const pass = round.success_ratio >= plan.minSuccess &&
+              (round.latency.p99_ms ?? Infinity) <= plan.p99BoundMs &&
+              round.offered_per_s >= 0.95 * rate;
+            if (pass && (sustainable === null || round.goodput_per_s > sustainable)) {
+              sustainable = round.goodput_per_s;
+            }
+            if (Math.abs(f - 0.8) < 1e-9) p80 = round.latency.p99_ms;
+            ctx.log(
+              `register ${name}/${store} ${mode} @${rate}/s: ${describe(round)} ${
+                pass ? "pass" : "FAIL"
+              }`,
+            );
+          }
+          out[mode] = {
+            closed,
+            closed_rounds: rounds.map((r) => r.goodput_per_s),
+            sweep,
+            sustainable_per_s: sustainable,
+            p99_ms_at_80pct: p80,
+          };
         }
-        out[mode] = {
-          closed,
-          closed_rounds: rounds.map((r) => r.goodput_per_s),
-          sweep,
-          sustainable_per_s: sustainable,
-          p99_ms_at_80pct: p80,
-        };
-      }
-      return out;
-    });
+        return out;
+      },
+      1,
+      workers,
+    );
   } catch (e) {
     const msg = e instanceof Error ? e.message : String(e);
     ctx.log(`register ${name}/${store}: ${msg}`);
@@ -388,6 +405,69 @@ export async function scenarioRegister(
     }
   }
   return out;
+}
+
+/**
+ * `workers` (citysip, issue 5): closed-loop REGISTER/s over UDP and TCP persistent with 1 and with 2
+ * worker processes, bindings in memory, and the ratio. On a 2-core box the generator shares the cores:
+ * each round records its CPU and the server's.
+ */
+export async function scenarioWorkers(ctx: Context): Promise<Record<string, unknown>> {
+  const why = availability("citysip", "memory");
+  if (why) return { not_measured: why };
+  const plan = ctx.plan;
+  const gen = await LoadGen.start(plan.procs);
+  const out: Record<string, Record<string, unknown>> = {};
+  try {
+    for (const workers of [1, 2]) {
+      out[`workers_${workers}`] = await withTarget(
+        "citysip",
+        "memory",
+        async (t) => {
+          const modes: Record<string, unknown> = {};
+          let base = 50_000_000 + workers * 5_000_000;
+          for (const mode of ["udp", "tcp_persistent"] as const) {
+            base += 1_000_000;
+            const req = baseRequest(plan, t, mode, base);
+            const rounds: Round[] = [];
+            for (let k = 0; k < plan.closedRounds; k++) {
+              const r = await measuredRun(gen, t, {
+                ...req,
+                userBase: base + k * 250_000,
+                loop: "closed",
+                outstanding: plan.outstanding,
+                durationMs: plan.closedMs,
+              });
+              rounds.push(r);
+              ctx.log(`workers ${workers} ${mode} closed #${k + 1}: ${describe(r)}`);
+            }
+            const med = [...rounds].sort((a, b) => a.goodput_per_s - b.goodput_per_s)[
+              Math.floor(rounds.length / 2)
+            ]!;
+            modes[mode] = {
+              goodput_per_s: med.goodput_per_s,
+              rounds_per_s: rounds.map((r) => r.goodput_per_s),
+              generator_cores: med.generator_cores,
+              server_cores: med.cpu.server_cores,
+              p99_ms: med.latency.p99_ms,
+            };
+          }
+          return modes;
+        },
+        1,
+        workers,
+      );
+    }
+    const ratio: Record<string, number | null> = {};
+    for (const mode of ["udp", "tcp_persistent"]) {
+      const one = (out.workers_1?.[mode] as { goodput_per_s: number } | undefined)?.goodput_per_s;
+      const two = (out.workers_2?.[mode] as { goodput_per_s: number } | undefined)?.goodput_per_s;
+      ratio[mode] = one && two ? Math.round((two / one) * 100) / 100 : null;
+    }
+    return { ...out, ratio_2_to_1: ratio };
+  } finally {
+    await gen.stop();
+  }
 }
 
 /** Capacity to scale overload on: the sustainable rate if measured, else the closed loop. */
@@ -665,7 +745,17 @@ export async function scenarioConns(
     try {
       const levels = name === "kamailio" ? plan.connsKamailio : plan.connsCitysip;
       const octet = (name === "kamailio" ? 10 : 20) + (connsRun++ % 7) * 30;
-      out[name] = await withTarget(name, "memory", (t) => connsSweep(ctx, t, "sip", levels, octet));
+      // citysip holds at most 19,000 flows per worker process (20,000 files each): enough workers.
+      const workers = name === "citysip"
+        ? Math.max(2, Math.ceil(Math.max(...levels) / 18_500))
+        : undefined;
+      out[name] = await withTarget(
+        name,
+        "memory",
+        (t) => connsSweep(ctx, t, "sip", levels, octet),
+        1,
+        workers,
+      );
     } catch (e) {
       out[name] = { not_measured: e instanceof Error ? e.message.split("\n")[0] : String(e) };
     }

@@ -61,6 +61,9 @@ export function citysipCommand(o: CitysipCommandOptions): string[] {
     "0",
     "--connect-rate",
     "0",
+    // Held flows come from a few hundred loopback addresses.
+    "--max-flows-per-ip",
+    "1000000",
   ];
   if (o.store === "memory") cmd.push("--store", "memory");
   else cmd.push("--db", o.dbUrl);
