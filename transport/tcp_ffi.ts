@@ -73,9 +73,15 @@ const READ_SIZE_N = BigInt(READ_SIZE);
 /** Reads of one connection per readiness event (then the others get their turn). */
 const READS_PER_EVENT = 4;
 /** Events per `epoll_wait`. */
-const MAX_EVENTS = 1024;
-/** Zero-timeout `epoll_wait` batches handled after a threaded wait before yielding. */
+const MAX_EVENTS = 256;
+/** Zero-timeout `epoll_wait` batches handled after a threaded wait before yielding, at most. */
 const DRAIN_BATCHES = 4;
+/**
+ * Main-thread time one turn of the loop may take before it yields to the event loop, ms: the stages
+ * drain their queues in `setImmediate` callbacks and measure queue delay, so events must not be
+ * handled for long without a yield.
+ */
+const TURN_BUDGET_MS = 2;
 /** `write` returns false once this many bytes are queued (as `node:net`'s high-water mark). */
 const HIGH_WATER = 16384;
 /** How long the listener rests after `EMFILE`/`ENFILE` before accepting again, ms. */
@@ -453,7 +459,13 @@ class FfiSocket implements FlowSocket {
       if (n > 0) {
         const chunk = loop.readBuffer.slice(0, n);
         const listener = this.onData;
-        if (listener !== null) safely(() => listener(chunk));
+        if (listener !== null) {
+          try {
+            listener(chunk);
+          } catch (error) {
+            reportError(error); // as an uncaught exception in a listener would be
+          }
+        }
         if ((this.st & (CLOSED | PAUSED)) !== 0 || n < READ_SIZE) return;
         continue;
       }
@@ -714,9 +726,11 @@ class Loop {
         continue;
       }
       failures = 0;
+      const start = performance.now();
       this.dispatch(n);
       for (let b = 0; b < DRAIN_BATCHES; b++) {
         if (!this.listening && this.conns.size === 0) break;
+        if (performance.now() - start >= TURN_BUDGET_MS) break;
         const more = lib.epoll_wait(this.epfd, this.eventsPtr, MAX_EVENTS, 0);
         if (more <= 0) break;
         this.dispatch(more);
