@@ -289,6 +289,30 @@ Deno.test("tcp_ffi: data, back-pressure and closing", async (t) => {
     }
   });
 
+  await t.step("end() to a peer that never reads gives up after endTimeoutMs", async () => {
+    const errors: string[] = [];
+    let closes = 0;
+    let done = 0;
+    const transport = await listenTcpReusePort("127.0.0.1", 0, (s) => {
+      s.on("error", (e) => errors.push((e as Error & { code: string }).code));
+      s.on("close", () => closes++);
+      s.write(new Uint8Array(16 << 20));
+      s.end(() => done++);
+    }, { endTimeoutMs: 200 });
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port: transport.port });
+    try {
+      await until(() => transport.accepted === 1, "accept");
+      assert.equal(transport.connections, 1, "still flushing");
+      await until(() => closes === 1, "close after the deadline", 3000);
+      assert.deepEqual(errors, ["ETIMEDOUT"]);
+      assert.equal(done, 1);
+      assert.equal(transport.connections, 0);
+    } finally {
+      conn.close();
+      await transport.close();
+    }
+  });
+
   await t.step("destroy() closes at once; the peer sees the end; close runs once", async () => {
     let closes = 0;
     const { transport, sockets } = await server("127.0.0.1", 0, (s) => {

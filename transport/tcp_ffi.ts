@@ -18,7 +18,8 @@
  * connection (the queue exists only while non-empty) and `EPOLLOUT` is armed only while it does. As
  * with `node:net`, bytes given to `write` are referenced, not copied, until sent: do not modify them.
  * Reading starts when a `data` listener is set (like a `node:net` socket's flowing mode), so bytes
- * that arrive before the stage attaches its listener are not lost. `close` and `error` listeners run
+ * that arrive before the stage attaches its listener are not lost. `end()` gives up on a peer that
+ * does not take the queued bytes within `endTimeoutMs` (30 s by default). `close` and `error` listeners run
  * in a microtask after the connection is closed, never inside the call that closed it.
  *
  * Needs `--allow-ffi` (or `--allow-all`); Linux x86_64/aarch64 only (struct layouts, constants,
@@ -86,6 +87,8 @@ const TURN_BUDGET_MS = 2;
 const HIGH_WATER = 16384;
 /** How long the listener rests after `EMFILE`/`ENFILE` before accepting again, ms. */
 const ACCEPT_REST_MS = 100;
+/** Default of {@link TcpFfiOptions.endTimeoutMs}. */
+const END_TIMEOUT_MS = 30_000;
 /** Descriptors left free for the runtime (Deno panics in places when it cannot open one). */
 const FD_RESERVE = 64;
 const RLIMIT_NOFILE = 7;
@@ -276,6 +279,8 @@ interface SendQueue {
   /** Bytes of `chunks[0]` already sent. */
   offset: number;
   bytes: number;
+  /** When a pending `end` gives up on a peer that does not read (ms since epoch); 0: not ending. */
+  endBy: number;
 }
 
 // Connection state bits.
@@ -353,7 +358,7 @@ class FfiSocket implements FlowSocket {
       sent = 0;
     }
     if (sent === data.length) return true;
-    this.queue = { chunks: [data], offset: sent, bytes: data.length - sent };
+    this.queue = { chunks: [data], offset: sent, bytes: data.length - sent, endBy: 0 };
     this.rearm();
     return this.queue.bytes < HIGH_WATER;
   }
@@ -366,8 +371,21 @@ class FfiSocket implements FlowSocket {
     if (done && this.endDone === null) this.endDone = done;
     if ((this.st & ENDING) !== 0) return;
     this.st |= ENDING | PAUSED;
-    if (this.queue === null) this.finishEnd();
-    else this.rearm(); // stops reading; EPOLLOUT stays armed until the queue is flushed
+    if (this.queue === null) {
+      this.finishEnd();
+      return;
+    }
+    this.rearm(); // stops reading; EPOLLOUT stays armed until the queue is flushed
+    this.queue.endBy = Date.now() + this.loop.endTimeoutMs;
+    this.loop.linger(this);
+  }
+
+  /** Closes with `ETIMEDOUT` if a pending `end` has waited past its deadline for the peer. */
+  expire(now: number): boolean {
+    if ((this.st & CLOSED) !== 0 || this.queue === null) return true;
+    if (now < this.queue.endBy) return false;
+    this.fail(sysError("end", 110)); // ETIMEDOUT: the peer has stopped reading
+    return true;
   }
 
   destroy(): void {
@@ -510,6 +528,7 @@ class FfiSocket implements FlowSocket {
       q.chunks.shift();
       q.offset = 0;
     }
+    if (q.endBy !== 0) this.loop.lingering.delete(this);
     this.queue = null;
     if ((this.st & ENDING) !== 0) this.finishEnd();
     else this.rearm();
@@ -539,6 +558,7 @@ class FfiSocket implements FlowSocket {
     if (loop.conns.get(this.fd) === this) loop.conns.delete(this.fd);
     loop.libc.symbols.close(this.fd); // also leaves the epoll set
     this.fd = -1;
+    if (this.queue !== null && this.queue.endBy !== 0) loop.lingering.delete(this);
     this.queue = null;
     this.armed = 0;
     if (error !== null) loop.socketErrors++;
@@ -558,6 +578,9 @@ class FfiSocket implements FlowSocket {
 /** The state shared by the listener and its connections: one epoll instance and its loop. */
 class Loop {
   readonly conns = new Map<number, FfiSocket>();
+  /** Connections whose `end` waits for queued bytes to drain, swept for their deadline. */
+  readonly lingering = new Set<FfiSocket>();
+  lingerTimer: ReturnType<typeof setInterval> | undefined;
   readonly readBuffer = new Uint8Array(READ_SIZE);
   readonly events = new Uint8Array(MAX_EVENTS * EVENT_SIZE);
   readonly eventView = new DataView(this.events.buffer);
@@ -596,6 +619,8 @@ class Loop {
     readonly onConnection: (socket: FlowSocket) => void,
     /** Accepted descriptors at or above this number are closed at once (counted in `refused`). */
     readonly fdCeiling: number,
+    /** How long `end` waits for a peer to take queued bytes before closing, ms. */
+    readonly endTimeoutMs: number,
   ) {
     this.listenFd = listenFd;
   }
@@ -611,6 +636,23 @@ class Loop {
   /** Wakes the threaded `epoll_wait` (so the loop notices it should end). */
   wake(): void {
     this.libc.symbols.write(this.wakeFd, this.wakeOne, 8n);
+  }
+
+  /** Watches an ending connection's deadline (one timer for all, only while any is ending). */
+  linger(socket: FfiSocket): void {
+    this.lingering.add(socket);
+    if (this.lingerTimer !== undefined) return;
+    this.lingerTimer = setInterval(() => {
+      const now = Date.now();
+      for (const s of this.lingering) {
+        if (s.expire(now)) this.lingering.delete(s);
+      }
+      if (this.lingering.size === 0) {
+        clearInterval(this.lingerTimer);
+        this.lingerTimer = undefined;
+      }
+    }, Math.max(10, Math.min(1000, this.endTimeoutMs / 4)));
+    Deno.unrefTimer(this.lingerTimer);
   }
 
   connectionClosed(): void {
@@ -769,6 +811,16 @@ function fdCeiling(lib: Libc): number {
   return soft - Math.min(FD_RESERVE, Math.floor(soft / 4));
 }
 
+/** Settings of the FFI transport beyond {@link listenTcp}'s. */
+export interface TcpFfiOptions {
+  /**
+   * How long `end()` waits for the peer to take the bytes still queued before it closes the
+   * connection anyway (reported to the error listener as `ETIMEDOUT`), ms. Default 30,000: a peer
+   * that stops reading must not hold a descriptor forever.
+   */
+  readonly endTimeoutMs?: number;
+}
+
 /** A {@link TcpTransport} with the FFI transport's counters. */
 export interface TcpFfiTransport extends TcpTransport {
   /** Connections open now. */
@@ -795,12 +847,14 @@ export interface TcpFfiTransport extends TcpTransport {
  * (connections already accepted stay open until closed; it resolves once the port is released, and
  * after the event loop has ended if no connection is left). An IPv6 host (containing `:`) opens an
  * `AF_INET6` socket (`::` is dual-stack: IPv4 peers appear as `::ffff:a.b.c.d`); a host name is
- * resolved once. Rejects with an error whose `code` is e.g. `EADDRINUSE`.
+ * resolved once. Rejects with an error whose `code` is e.g. `EADDRINUSE`. `options` is optional,
+ * so this function can stand wherever `listenTcp` is expected.
  */
 export async function listenTcpReusePort(
   host: string,
   port: number,
   onConnection: (socket: FlowSocket) => void,
+  options: TcpFfiOptions = {},
 ): Promise<TcpFfiTransport> {
   const ffi = openLibc();
   const { symbols: lib, errno } = ffi;
@@ -846,6 +900,7 @@ export async function listenTcpReusePort(
     wildcard ? null : bound,
     onConnection,
     fdCeiling(lib),
+    options.endTimeoutMs ?? END_TIMEOUT_MS,
   );
   if (loop.ctl(EPOLL_CTL_ADD, wakeFd, EPOLLIN, 0) < 0) bail("epoll_ctl", errno());
   if (loop.ctl(EPOLL_CTL_ADD, fd, EPOLLIN, 1) < 0) bail("epoll_ctl", errno());
