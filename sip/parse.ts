@@ -13,6 +13,13 @@ const utf8 = new TextDecoder();
 /** Messages up to this size are decoded whole (body included) to search the text. */
 const FAST_DECODE_MAX = 4096;
 
+/**
+ * Most header lines a message may have (issue 6 item 3), folded continuation lines included: each
+ * line costs a field object and a string, so without a bound a 64 KiB datagram of one-byte headers
+ * makes thousands. A message with more gets status 400 "Too Many Headers". Real requests carry 10-30.
+ */
+export const MAX_HEADERS = 256;
+
 /** Compact header forms (RFC 3261 §7.3.3, §20; RFC 3265, 3515, 3892, 4028, 4474, 3841). */
 export const COMPACT_FORMS: Readonly<Record<string, string>> = Object.freeze({
   i: "call-id",
@@ -159,12 +166,17 @@ const MANDATORY: ReadonlyArray<readonly [string, string]> = [
  *   request method; responses are not checked for these. A second To, From, CSeq or Call-ID line
  *   is an error in any message (§7.3: they are single-valued), as is a control character in the
  *   Request-URI.
+ * - More than `maxHeaders` header lines (default {@linkcode MAX_HEADERS}; continuation lines count)
+ *   is an error, status 400 "Too Many Headers"; the count is checked before each line is read.
  * - Header values are kept as text slices of the decoded header section: a caller that keeps one
  *   for long should copy it (V8 sliced strings keep their parent alive).
  *
  * Never throws; errors are values with the status a server should answer.
  */
-export function parseMessage(bytes: Uint8Array): ParseResult<SipMessage> {
+export function parseMessage(
+  bytes: Uint8Array,
+  maxHeaders: number = MAX_HEADERS,
+): ParseResult<SipMessage> {
   const n = bytes.length;
   let start = 0;
   while (start < n && (bytes[start] === 13 || bytes[start] === 10)) start++;
@@ -255,7 +267,9 @@ export function parseMessage(bytes: Uint8Array): ParseResult<SipMessage> {
   let curName: string | undefined;
   let curValue = "";
   pos = lineEnd + 2;
+  let lines = 0;
   while (pos < len) {
+    if (++lines > maxHeaders) return fail("Too Many Headers");
     let e = text.indexOf("\r\n", pos);
     if (e < 0 || e > len) e = len;
     const c0 = text.charCodeAt(pos);
