@@ -86,6 +86,7 @@ export async function startWorker(options: WorkerOptions): Promise<Worker> {
       })
       : null,
     limitAction: config.limitAction,
+    limitReplies: new SourceRateLimiter({ ratePerSecond: 5, burst: 10, maxSources: 65536 }),
     admissionDelayMs: config.admissionDelayMs,
     respond: respondOffer,
     onError,

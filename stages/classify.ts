@@ -33,10 +33,18 @@ export interface ClassifyOptions {
   readonly registerLimit: SourceRateLimiter | null;
   /** Over the limit: answer 503 + Retry-After, or drop silently. */
   readonly limitAction: "503" | "drop";
+  /**
+   * How many 503s one source over its limit gets per second; the rest are dropped silently, so a
+   * flood (perhaps with a forged source) is not answered datagram for datagram.
+   */
+  readonly limitReplies: SourceRateLimiter | null;
   /** The respond stage, for 503s and 400s built here. */
   readonly respond: (reply: Reply) => void;
   readonly onError: (error: unknown, stage: string) => void;
 }
+
+/** Queue length below which admission never refuses on delay alone. */
+export const MIN_BACKLOG = 32;
 
 /** The priority class of a first line: 0 response, 1 ACK/CANCEL/BYE, 2 REGISTER, 3 other, -1 invalid. */
 export function priorityOf(bytes: Uint8Array): { cls: -1 | 0 | 1 | 2 | 3; method: string } {
@@ -75,13 +83,21 @@ export function createClassifyStage(options: ClassifyOptions): Stage<Inbound> {
         !options.registerLimit.allow(inbound.source.address, Date.now())
       ) {
         // A pike-like limit per source IP: one flooding source cannot crowd out the others.
-        if (options.limitAction === "drop") return stage.drop("rate-limited");
-        return refuse(inbound, options.admissionDelayMs, "rate-limited");
+        if (
+          options.limitAction === "drop" ||
+          (options.limitReplies !== null &&
+            !options.limitReplies.allow(inbound.source.address, Date.now()))
+        ) {
+          return stage.drop("rate-limited");
+        }
+        return refuse(inbound, options.admissionDelayMs, "rate-limited-503");
       }
       if (cls >= 2) {
         const delay = registrar.queueDelayMs();
         const target = cls === 2 ? options.admissionDelayMs : options.admissionDelayMs / 2;
-        if (delay > target || registrar.free === 0) {
+        // An old head with few items behind it means the loop was busy elsewhere (reading a flood),
+        // not that the registrar is behind: refusing those few would not help.
+        if ((delay > target && registrar.queueLength >= MIN_BACKLOG) || registrar.free === 0) {
           return refuse(inbound, delay, "overload-503");
         }
       }
