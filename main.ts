@@ -15,6 +15,7 @@ import { runStorageCommand } from "./storage/cli.ts";
 import { runSupervisor, type WorkerSpec } from "./supervisor.ts";
 import { runWorkerProcess } from "./worker.ts";
 import { listenUdpReusePort } from "./transport/udp_ffi.ts";
+import { listenTcpReusePort } from "./transport/tcp_ffi.ts";
 
 /** The program's version. */
 export const VERSION = "0.1.0";
@@ -52,6 +53,7 @@ export async function main(args: string[]): Promise<number> {
         await runWorkerProcess(
           spec,
           spec.config.udpTransport === "reuseport" ? listenUdpReusePort : undefined,
+          spec.config.tcpTransport === "reuseport" ? listenTcpReusePort : undefined,
         );
         return 0;
       }

@@ -49,6 +49,8 @@ export interface WorkerOptions {
   readonly listen?: readonly ListenSpec[];
   /** Opens a UDP listener; the FFI SO_REUSEPORT transport where UDP is shared by workers. */
   readonly listenUdp?: typeof listenUdp;
+  /** Opens a TCP listener; the FFI epoll transport by default on Linux. */
+  readonly listenTcp?: typeof listenTcp;
   readonly store: LocationStore;
   readonly auth: RegistrarAuth | null;
 }
@@ -133,7 +135,13 @@ export async function startWorker(options: WorkerOptions): Promise<Worker> {
         );
         udp.push(socket);
       } else {
-        tcp.push(await listenTcp(spec.host, spec.port, (socket) => accept.stage.offer(socket)));
+        tcp.push(
+          await (options.listenTcp ?? listenTcp)(
+            spec.host,
+            spec.port,
+            (socket) => accept.stage.offer(socket),
+          ),
+        );
       }
     }
   } catch (error) {
@@ -166,6 +174,7 @@ export async function startWorker(options: WorkerOptions): Promise<Worker> {
 export async function runWorkerProcess(
   spec: WorkerSpec,
   udpTransport: typeof listenUdp | undefined,
+  tcpTransport: typeof listenTcp | undefined,
 ): Promise<void> {
   setLogLevel(spec.config.logLevel);
   setLogContext({ worker: spec.id });
@@ -206,6 +215,7 @@ export async function runWorkerProcess(
       auth,
       listen: spec.listen,
       ...(udpTransport ? { listenUdp: udpTransport } : {}),
+      ...(tcpTransport ? { listenTcp: tcpTransport } : {}),
     });
   } catch (error) {
     log.error("cannot start", { error });
