@@ -13,8 +13,11 @@ export type FirstLine =
 
 const INVALID: FirstLine = Object.freeze({ kind: "invalid" });
 
-/** Common methods, interned so a scan of them allocates nothing but the result object. */
-const KNOWN_METHODS: readonly string[] = [
+/**
+ * The methods of RFC 3261 and its common extensions, interned so a scan of them allocates nothing but
+ * the result object.
+ */
+export const KNOWN_METHODS: readonly string[] = [
   "REGISTER",
   "INVITE",
   "ACK",

@@ -23,6 +23,7 @@ import {
   uriKey,
 } from "../sip/headers.ts";
 import type { SipRequest } from "../sip/message.ts";
+import { KNOWN_METHODS } from "../sip/first_line.ts";
 import { parseMessage } from "../sip/parse.ts";
 import { quickResponse } from "../sip/serialize.ts";
 import type { ContactChange, LocationStore, RegisterChange } from "../storage/location_store.ts";
@@ -45,22 +46,7 @@ export const REGISTRAR_SETTINGS = {
 export const ALLOW = "REGISTER, OPTIONS";
 /** Extensions we support (§20.37): Path (RFC 3327). */
 export const SUPPORTED = ["path"] as const;
-const KNOWN_METHODS = new Set([
-  "INVITE",
-  "ACK",
-  "BYE",
-  "CANCEL",
-  "OPTIONS",
-  "REGISTER",
-  "SUBSCRIBE",
-  "NOTIFY",
-  "PUBLISH",
-  "MESSAGE",
-  "INFO",
-  "PRACK",
-  "UPDATE",
-  "REFER",
-]);
+const KNOWN = new Set(KNOWN_METHODS);
 
 /** The outcome of checking a REGISTER's credentials (RFC 3261 §22). */
 export type AuthOutcome =
@@ -420,7 +406,7 @@ export function createRegistrarStage(
             answer = { status: 481, reason: "Call/Transaction Does Not Exist" };
             break;
           default:
-            answer = KNOWN_METHODS.has(msg.method)
+            answer = KNOWN.has(msg.method)
               ? { status: 405, reason: "Method Not Allowed", headers: [["Allow", ALLOW]] }
               : { status: 501, reason: "Not Implemented", headers: [["Allow", ALLOW]] };
         }
