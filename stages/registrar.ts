@@ -83,9 +83,19 @@ export interface RegistrarOptions {
   readonly onError: (error: unknown, stage: string) => void;
 }
 
-/** Responses sent to UDP requests, for retransmissions: branch -> bytes (null while in service). */
+/**
+ * Responses sent to UDP requests, for retransmissions: key (branch, sent-by, method) -> bytes, or
+ * null while the original is in service. Entries expire after `ttlMs` (Timer J) or when more than
+ * `maxEntries` are held, oldest first. The expiry order is a FIFO ring of keys beside the Map, so that
+ * no entry is ever deleted and re-inserted (V8's Map leaves a hole per delete, and a scan from its
+ * front over many holes made each insertion slower as the table filled).
+ */
 export class RetransmissionCache {
-  readonly #entries = new Map<string, { bytes: Uint8Array | null; at: number }>();
+  readonly #entries = new Map<string, { bytes: Uint8Array | null; readonly at: number }>();
+  #keys: (string | undefined)[] = new Array(1024);
+  #times = new Float64Array(1024);
+  #head = 0;
+  #size = 0;
   constructor(readonly ttlMs = 32_000, readonly maxEntries = 200_000) {}
 
   /** The cached response, `"pending"` if the original is in service, or undefined if new. */
@@ -95,14 +105,26 @@ export class RetransmissionCache {
     return e.bytes ?? "pending";
   }
 
-  /** Records a request in service (bytes null) or its response. */
+  /** Records a request in service (bytes null) or, later, its response. */
   set(key: string, bytes: Uint8Array | null, at: number): void {
-    this.#entries.delete(key);
+    const e = this.#entries.get(key);
+    if (e !== undefined) {
+      e.bytes = bytes; // the response to a request recorded as pending: keeps its place
+      return;
+    }
     this.#entries.set(key, { bytes, at });
+    this.#push(key, at);
     const limit = at - this.ttlMs;
-    for (const [k, e] of this.#entries) {
-      if (e.at > limit && this.#entries.size <= this.maxEntries) break;
-      this.#entries.delete(k);
+    while (
+      this.#size > 0 && (this.#times[this.#head]! <= limit || this.#entries.size > this.maxEntries)
+    ) {
+      const old = this.#keys[this.#head]!;
+      const entry = this.#entries.get(old);
+      // The ring may name a key deleted (and perhaps recorded again) since: drop only that record.
+      if (entry !== undefined && entry.at === this.#times[this.#head]) this.#entries.delete(old);
+      this.#keys[this.#head] = undefined;
+      this.#head = (this.#head + 1) % this.#keys.length;
+      this.#size--;
     }
   }
 
@@ -112,6 +134,26 @@ export class RetransmissionCache {
 
   get size(): number {
     return this.#entries.size;
+  }
+
+  #push(key: string, at: number): void {
+    if (this.#size === this.#keys.length) {
+      // Grow: unroll the ring into arrays twice as long.
+      const keys = new Array<string | undefined>(this.#keys.length * 2);
+      const times = new Float64Array(this.#keys.length * 2);
+      for (let i = 0; i < this.#size; i++) {
+        const j = (this.#head + i) % this.#keys.length;
+        keys[i] = this.#keys[j];
+        times[i] = this.#times[j]!;
+      }
+      this.#keys = keys;
+      this.#times = times;
+      this.#head = 0;
+    }
+    const slot = (this.#head + this.#size) % this.#keys.length;
+    this.#keys[slot] = key;
+    this.#times[slot] = at;
+    this.#size++;
   }
 }
 
