@@ -4,12 +4,7 @@
  *
  * @module
  */
-import type {
-  Binding,
-  LocationStore,
-  RegisterChange,
-  RegisterOutcome,
-} from "./location_store.ts";
+import type { Binding, LocationStore, RegisterChange, RegisterOutcome } from "./location_store.ts";
 
 /** Orders bindings by q (absent counts as 1.0, RFC 3261 §10.2.1.2), then by most recent update. */
 export function compareBindings(a: Binding, b: Binding): number {
