@@ -27,13 +27,11 @@
  *
  * @module
  */
-import { lookup } from "node:dns/promises";
+import { AF_INET, AF_INET6, formatIPv6, literalFor } from "./_sockaddr.ts";
 import type { FlowSocket, TcpTransport } from "./tcp.ts";
 
 export type { FlowSocket, TcpTransport } from "./tcp.ts";
 
-const AF_INET = 2;
-const AF_INET6 = 10;
 const SOCK_STREAM = 1;
 const SOCK_NONBLOCK = 0x800;
 const SOCK_CLOEXEC = 0x80000;
@@ -175,41 +173,6 @@ function sysError(call: string, errno: number, where = ""): Error & { code: stri
   return error;
 }
 
-/** Text of an IPv4 address (4 bytes at `at`). */
-function formatIPv4(b: Uint8Array, at: number): string {
-  return `${b[at]}.${b[at + 1]}.${b[at + 2]}.${b[at + 3]}`;
-}
-
-/**
- * Text of an IPv6 address (16 bytes at `at`) in RFC 5952 form: lower-case hex, the longest run of
- * two or more zero groups as `::` (the first of equal runs), IPv4-mapped as `::ffff:a.b.c.d`.
- */
-function formatIPv6(b: Uint8Array, at: number): string {
-  const groups = new Array<number>(8);
-  for (let i = 0; i < 8; i++) groups[i] = (b[at + 2 * i]! << 8) | b[at + 2 * i + 1]!;
-  if (groups[5] === 0xffff && groups.slice(0, 5).every((g) => g === 0)) {
-    return `::ffff:${formatIPv4(b, at + 12)}`;
-  }
-  let runAt = -1;
-  let runLen = 1;
-  for (let i = 0; i < 8;) {
-    if (groups[i] !== 0) {
-      i++;
-      continue;
-    }
-    let end = i;
-    while (end < 8 && groups[end] === 0) end++;
-    if (end - i > runLen) {
-      runAt = i;
-      runLen = end - i;
-    }
-    i = end;
-  }
-  const hex = (from: number, to: number) =>
-    groups.slice(from, to).map((g) => g.toString(16)).join(":");
-  return runAt < 0 ? hex(0, 8) : `${hex(0, runAt)}::${hex(runAt + runLen, 8)}`;
-}
-
 /** Address strings shared by the connections that come from (or arrive at) the same address. */
 const addressCache = new Map<string, string>();
 
@@ -262,15 +225,6 @@ function encodeSockaddr(
   sa[2] = port >> 8; // port, network order
   sa[3] = port & 0xff;
   return sa;
-}
-
-/** An IP literal for `host`: as given, or the first address a name resolves to. */
-async function literalFor(host: string): Promise<{ address: string; family: number }> {
-  const bare = host.startsWith("[") && host.endsWith("]") ? host.slice(1, -1) : host;
-  if (bare.includes(":")) return { address: bare, family: AF_INET6 };
-  if (/^\d{1,3}(\.\d{1,3}){3}$/.test(bare)) return { address: bare, family: AF_INET };
-  const found = await lookup(bare);
-  return { address: found.address, family: found.family === 6 ? AF_INET6 : AF_INET };
 }
 
 /** Bytes a connection could not hand to the kernel yet; exists only while non-empty. */

@@ -17,14 +17,12 @@
  *
  * @module
  */
-import { lookup } from "node:dns/promises";
+import { AF_INET, AF_INET6, formatIPv4, formatIPv6, literalFor } from "./_sockaddr.ts";
 import type { Source } from "../sip/message.ts";
 import type { UdpTransport } from "./udp.ts";
 
 export type { UdpTransport } from "./udp.ts";
 
-const AF_INET = 2;
-const AF_INET6 = 10;
 const SOCK_DGRAM = 2;
 const SOCK_CLOEXEC = 0x80000;
 const SOL_SOCKET = 1;
@@ -89,42 +87,6 @@ function openLibc(): { symbols: Libc; errno: () => number } {
   return libc;
 }
 
-/** Text of an IPv4 address (4 bytes at `at`). */
-function formatIPv4(b: Uint8Array, at: number): string {
-  return `${b[at]}.${b[at + 1]}.${b[at + 2]}.${b[at + 3]}`;
-}
-
-/**
- * Text of an IPv6 address (16 bytes at `at`) in RFC 5952 form: lower-case hex, the longest run of
- * two or more zero groups as `::` (the first of equal runs), IPv4-mapped as `::ffff:a.b.c.d`.
- */
-function formatIPv6(b: Uint8Array, at: number): string {
-  const groups: number[] = [];
-  for (let i = 0; i < 8; i++) groups.push((b[at + 2 * i]! << 8) | b[at + 2 * i + 1]!);
-  if (groups[0] === 0 && groups[1] === 0 && groups[2] === 0 && groups[3] === 0 && groups[4] === 0) {
-    if (groups[5] === 0xffff) return `::ffff:${formatIPv4(b, at + 12)}`;
-  }
-  let bestAt = -1;
-  let bestLen = 1;
-  for (let i = 0; i < 8;) {
-    if (groups[i] !== 0) {
-      i++;
-      continue;
-    }
-    let j = i;
-    while (j < 8 && groups[j] === 0) j++;
-    if (j - i > bestLen) {
-      bestAt = i;
-      bestLen = j - i;
-    }
-    i = j;
-  }
-  const hex = (from: number, to: number) =>
-    groups.slice(from, to).map((g) => g.toString(16)).join(":");
-  if (bestAt < 0) return hex(0, 8);
-  return `${hex(0, bestAt)}::${hex(bestAt + bestLen, 8)}`;
-}
-
 const encoder = new TextEncoder();
 
 /**
@@ -168,15 +130,6 @@ function encodeSockaddr(
   sa[2] = port >> 8;
   sa[3] = port & 0xff;
   return sa;
-}
-
-/** An IP literal for `host`: as given, or the first address a name resolves to. */
-async function literalFor(host: string): Promise<{ address: string; family: number }> {
-  const bare = host.startsWith("[") && host.endsWith("]") ? host.slice(1, -1) : host;
-  if (bare.includes(":")) return { address: bare, family: AF_INET6 };
-  if (/^\d{1,3}(\.\d{1,3}){3}$/.test(bare)) return { address: bare, family: AF_INET };
-  const found = await lookup(bare);
-  return { address: found.address, family: found.family === 6 ? AF_INET6 : AF_INET };
 }
 
 /** Throws an error that names the failed call, the errno and the address. */
