@@ -15,7 +15,8 @@ import dgram from "node:dgram";
 import { ConfigError, type ListenSpec, type ServeConfig } from "./config.ts";
 import { log } from "./log.ts";
 import { renderMetrics, type WorkerMetrics } from "./metrics.ts";
-import { type Embedded, startEmbedded } from "./storage/embedded.ts";
+import type { Embedded } from "./storage/embedded.ts";
+import { startDatabase } from "./storage/cli.ts";
 import { openStorage } from "./storage/open.ts";
 /** A worker that does not stop within this after SIGTERM is killed. */
 const DRAIN_TIMEOUT_MS = 10_000;
@@ -117,6 +118,20 @@ async function freePort(host: string): Promise<number> {
   throw new ConfigError(`cannot listen on ${host}: no free port, or the address is not local`);
 }
 
+/** The lines of a byte stream (the supervisor-worker protocol, both ways), without their newline. */
+export async function* readLines(stream: ReadableStream<Uint8Array>): AsyncGenerator<string> {
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for await (const chunk of stream) {
+    buffer += decoder.decode(chunk, { stream: true });
+    let nl;
+    while ((nl = buffer.indexOf("\n")) >= 0) {
+      yield buffer.slice(0, nl);
+      buffer = buffer.slice(nl + 1);
+    }
+  }
+}
+
 function hex(bytes: Uint8Array): string {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
@@ -129,16 +144,9 @@ export async function runSupervisor(config: ServeConfig, udpShared: boolean): Pr
   let embedded: Embedded | null = null;
   let dbUrl: string | null = null;
   if (config.store === "postgres") {
-    if (config.db === null) {
-      log.info("starting embedded PostgreSQL (PGlite); the first open takes a few seconds", {
-        dataDir: config.dataDir,
-      });
-      embedded = await startEmbedded({ dataDir: config.dataDir });
-      log.info("embedded PostgreSQL ready", { openMs: Math.round(embedded.timings.openMs) });
-    }
-    dbUrl = embedded?.url ?? config.db;
+    ({ url: dbUrl, embedded } = await startDatabase(config));
     try {
-      const storage = await openStorage(dbUrl!, { max: 1 });
+      const storage = await openStorage(dbUrl, { max: 1 });
       if (storage.migrated.length > 0) {
         log.info("migrated", { versions: storage.migrated.join(",") });
       }
@@ -183,23 +191,15 @@ export async function runSupervisor(config: ServeConfig, udpShared: boolean): Pr
     workers[id] = running;
     const ready = Promise.withResolvers<void>();
     (async () => {
-      let buffer = "";
-      const decoder = new TextDecoder();
-      for await (const chunk of child.stdout) {
-        buffer += decoder.decode(chunk, { stream: true });
-        let nl;
-        while ((nl = buffer.indexOf("\n")) >= 0) {
-          const line = buffer.slice(0, nl);
-          buffer = buffer.slice(nl + 1);
-          let msg: WorkerMessage;
-          try {
-            msg = JSON.parse(line);
-          } catch {
-            continue;
-          }
-          if (msg.type === "ready") ready.resolve();
-          else if (msg.type === "metrics") running.waiting.shift()?.(msg);
+      for await (const line of readLines(child.stdout)) {
+        let msg: WorkerMessage;
+        try {
+          msg = JSON.parse(line);
+        } catch {
+          continue;
         }
+        if (msg.type === "ready") ready.resolve();
+        else if (msg.type === "metrics") running.waiting.shift()?.(msg);
       }
     })().catch(() => {});
     let isReady = false;

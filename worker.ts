@@ -22,7 +22,7 @@ import { guardPostgresConnectionLoss, openStorage } from "./storage/open.ts";
 import type { GroupCommitStats } from "./storage/postgres.ts";
 import type { SubscriberStore } from "./storage/subscriber_store.ts";
 import { DigestAuthenticator } from "./stages/auth.ts";
-import type { WorkerMessage, WorkerSpec } from "./supervisor.ts";
+import { readLines, type WorkerMessage, type WorkerSpec } from "./supervisor.ts";
 
 /** Expired bindings are swept from the store this often. */
 const SWEEP_INTERVAL_MS = 30_000;
@@ -240,41 +240,33 @@ export async function runWorkerProcess(
   }
   // The supervisor asks for counters with a `metrics` line; stdin closing means it is gone.
   (async () => {
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for await (const chunk of Deno.stdin.readable) {
-      buffer += decoder.decode(chunk, { stream: true });
-      let nl;
-      while ((nl = buffer.indexOf("\n")) >= 0) {
-        const line = buffer.slice(0, nl).trim();
-        buffer = buffer.slice(nl + 1);
-        if (line === "metrics") {
-          const stats = "stats" in store && typeof store.stats === "function"
-            ? (store as { stats(): GroupCommitStats }).stats()
-            : null;
-          say({
-            type: "metrics",
-            worker: spec.id,
-            stages: worker.stages.map((s) => s.snapshot()),
-            flowsOpen: worker.flows.size,
-            responses: Object.fromEntries(worker.responses),
-            extra: {
-              citysip_flows_refused_total: (worker.stages[0]!.dropped["max-flows"] ?? 0) +
-                (worker.stages[0]!.dropped["max-flows-per-ip"] ?? 0),
-              citysip_rss_bytes: Deno.memoryUsage().rss,
-              ...(stats === null ? {} : {
-                citysip_storage_batches_total: stats.batches,
-                citysip_storage_changes_total: stats.ops,
-                citysip_storage_failed_batches_total: stats.failedBatches,
-                citysip_storage_last_batch_size: stats.lastBatchSize,
-                citysip_storage_largest_batch_size: stats.largestBatchSize,
-                citysip_storage_queued: stats.queued,
-                citysip_storage_commit_seconds_sum: stats.commitSeconds.sum,
-                citysip_storage_commit_seconds_count: stats.commitSeconds.count,
-              }),
-            },
-          });
-        }
+    for await (const line of readLines(Deno.stdin.readable)) {
+      if (line.trim() === "metrics") {
+        const stats = "stats" in store && typeof store.stats === "function"
+          ? (store as { stats(): GroupCommitStats }).stats()
+          : null;
+        say({
+          type: "metrics",
+          worker: spec.id,
+          stages: worker.stages.map((s) => s.snapshot()),
+          flowsOpen: worker.flows.size,
+          responses: Object.fromEntries(worker.responses),
+          extra: {
+            citysip_flows_refused_total: (worker.stages[0]!.dropped["max-flows"] ?? 0) +
+              (worker.stages[0]!.dropped["max-flows-per-ip"] ?? 0),
+            citysip_rss_bytes: Deno.memoryUsage().rss,
+            ...(stats === null ? {} : {
+              citysip_storage_batches_total: stats.batches,
+              citysip_storage_changes_total: stats.ops,
+              citysip_storage_failed_batches_total: stats.failedBatches,
+              citysip_storage_last_batch_size: stats.lastBatchSize,
+              citysip_storage_largest_batch_size: stats.largestBatchSize,
+              citysip_storage_queued: stats.queued,
+              citysip_storage_commit_seconds_sum: stats.commitSeconds.sum,
+              citysip_storage_commit_seconds_count: stats.commitSeconds.count,
+            }),
+          },
+        });
       }
     }
     stop.resolve();

@@ -26,23 +26,27 @@ export interface OpenedStorage extends Storage {
 }
 
 /**
- * Opens the configured database and runs migrations. The embedded engine's first open takes seconds;
- * it is started (and logged) before anything listens.
+ * The configured database's URL: the server's, or the embedded engine's after starting it. Its first
+ * open takes seconds; it is started (and logged) before anything listens.
  */
+export async function startDatabase(
+  config: Pick<StorageConfig, "db" | "dataDir">,
+): Promise<{ url: string; embedded: Embedded | null }> {
+  if (config.db !== null) return { url: config.db, embedded: null };
+  log.info("starting embedded PostgreSQL (PGlite); the first open takes a few seconds", {
+    dataDir: config.dataDir,
+  });
+  const embedded = await startEmbedded({ dataDir: config.dataDir });
+  log.info("embedded PostgreSQL ready", {
+    openMs: Math.round(embedded.timings.openMs),
+    listenMs: Math.round(embedded.timings.listenMs),
+  });
+  return { url: embedded.url, embedded };
+}
+
+/** Opens the configured database ({@link startDatabase}), runs migrations and opens the stores. */
 export async function openConfiguredStorage(config: StorageConfig): Promise<OpenedStorage> {
-  let url = config.db;
-  let embedded: Embedded | null = null;
-  if (url === null) {
-    log.info("starting embedded PostgreSQL (PGlite); the first open takes a few seconds", {
-      dataDir: config.dataDir,
-    });
-    embedded = await startEmbedded({ dataDir: config.dataDir });
-    log.info("embedded PostgreSQL ready", {
-      openMs: Math.round(embedded.timings.openMs),
-      listenMs: Math.round(embedded.timings.listenMs),
-    });
-    url = embedded.url;
-  }
+  const { url, embedded } = await startDatabase(config);
   let storage: Storage;
   try {
     storage = await openStorage(url, {
