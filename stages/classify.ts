@@ -8,8 +8,12 @@
  * - 1 ACK, CANCEL, BYE: work that ends work. ACK is absorbed (no INVITE transactions here); CANCEL and
  *   BYE pass admission while the registrar's queue has room at all.
  * - 2 REGISTER, and 3 other new requests: admitted only while the registrar's measured queue delay is
- *   under the target (class 3 under half of it) and its queue has room; otherwise answered with
- *   503 + Retry-After built by a minimal line scan (`quickResponse`), never a full parse.
+ *   under the target (class 3 under half of it), its queue has room, and the TCP flow they came on
+ *   has fewer than `FLOW_MAX_IN_SERVICE` requests in service; otherwise answered with 503 +
+ *   Retry-After built by a minimal line scan (`quickResponse`), never a full parse.
+ *
+ * TCP flows are always read (the paper's §7.1: reading stays ahead of parsing): a flow sending faster
+ * than it is served gets 503s for its surplus, and its BYEs and responses are never stuck behind it.
  *
  * @module
  */
@@ -100,6 +104,7 @@ export function createClassifyStage(options: ClassifyOptions): Stage<Inbound> {
         if ((delay > target && registrar.queueLength >= MIN_BACKLOG) || registrar.free === 0) {
           return refuse(inbound, delay, "overload-503");
         }
+        if (inbound.flow?.saturated) return refuse(inbound, delay, "flow-overload-503");
       }
       inbound.flow?.requestStarted();
       if (!registrar.offer(inbound, cls === 1)) {

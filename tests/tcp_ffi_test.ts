@@ -211,34 +211,6 @@ Deno.test("tcp_ffi: data, back-pressure and closing", async (t) => {
     }
   });
 
-  await t.step("pause() stops data events, resume() delivers what waited", async () => {
-    const seen: string[] = [];
-    const { transport, sockets } = await server("127.0.0.1", 0, (s) => {
-      s.on("data", (chunk) => {
-        seen.push(decoder.decode(chunk));
-        s.pause();
-      });
-    });
-    const c = await client("127.0.0.1", transport.port);
-    try {
-      c.socket.write("one");
-      await until(() => seen.length === 1, "first chunk");
-      const s = sockets[0]!;
-      assert.equal(s.isPaused(), true);
-      await sleep(20);
-      c.socket.write("two");
-      await sleep(150);
-      assert.deepEqual(seen, ["one"], "nothing delivered while paused");
-      s.resume();
-      assert.equal(s.isPaused(), false);
-      await until(() => seen.length === 2, "chunk after resume");
-      assert.equal(seen[1], "two");
-    } finally {
-      c.socket.destroy();
-      await transport.close();
-    }
-  });
-
   await t.step("bytes sent before the data listener is set are not lost", async () => {
     const seen: string[] = [];
     const { transport, sockets } = await server();

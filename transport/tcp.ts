@@ -15,8 +15,14 @@ import type { Source } from "../sip/message.ts";
 /** Bytes a flow may have queued for sending before it counts as a slow reader and is closed. */
 export const MAX_SEND_BACKLOG = 256 * 1024;
 
-/** Requests one flow may have in service before its reading pauses (per-flow back-pressure). */
-export const PAUSE_AT = 128;
+/**
+ * Requests one flow may have in service (admitted, not yet answered). Beyond it, classify answers the
+ * flow's new requests with 503 instead of queueing them. Reading never pauses for this: a paused flow
+ * would hold its BYEs, CANCELs and responses behind the REGISTERs waiting in its TCP window
+ * (head-of-line blocking), and requests left in the window age past the client's timers, the
+ * collapse the paper measured over TCP.
+ */
+export const FLOW_MAX_IN_SERVICE = 128;
 
 /**
  * What a flow needs of a connection: the subset of `node:net`'s Socket the stages use, so that
@@ -34,9 +40,6 @@ export interface FlowSocket {
   end(done?: () => void): void;
   /** Closes at once, dropping queued bytes. */
   destroy(): void;
-  pause(): void;
-  resume(): void;
-  isPaused(): boolean;
   setKeepAlive(enable: boolean, initialDelayMs: number): void;
   on(event: "data", listener: (chunk: Uint8Array) => void): void;
   on(event: "close", listener: () => void): void;
@@ -49,7 +52,7 @@ export class Flow {
   readonly source: Source;
   /** Framer state, created on the first bytes (see the frame stage). */
   framer: unknown = null;
-  /** Requests admitted and not yet answered; reading pauses while it is high. */
+  /** Requests admitted and not yet answered (at most {@link FLOW_MAX_IN_SERVICE}). */
   pending = 0;
   /** Set by the frame stage while a message is partly received (header-completion timeout). */
   partialSince = 0;
@@ -62,19 +65,19 @@ export class Flow {
     this.lastActive = at;
   }
 
-  /**
-   * Counts a request admitted for processing; pauses reading from the socket at {@link PAUSE_AT} so a
-   * flow that sends faster than it is served waits in its own TCP window, not in our queues.
-   */
-  requestStarted(): void {
-    if (++this.pending === PAUSE_AT && !this.closed) this.socket.pause();
+  /** Whether the flow has its share of requests in service: new ones are refused, not queued. */
+  get saturated(): boolean {
+    return this.pending >= FLOW_MAX_IN_SERVICE;
   }
 
-  /** Counts a request answered (or dropped); resumes reading once the backlog has halved. */
+  /** Counts a request admitted for processing. */
+  requestStarted(): void {
+    this.pending++;
+  }
+
+  /** Counts a request answered (or dropped). */
   requestDone(): void {
-    if (--this.pending <= PAUSE_AT / 2 && !this.closed && this.socket.isPaused()) {
-      this.socket.resume();
-    }
+    this.pending--;
   }
 
   /** Writes bytes; closes the flow if the peer has stopped reading. Returns false if the flow is gone. */
