@@ -24,6 +24,14 @@ const HELP: Record<string, [string, string]> = {
   citysip_stage_queue_length: ["gauge", "Items waiting."],
   citysip_stage_queue_capacity: ["gauge", "Queue bound."],
   citysip_stage_in_flight: ["gauge", "Items in service."],
+  citysip_stage_queue_delay_seconds: [
+    "gauge",
+    "Queue delay a new item can expect: items waiting times the wall time per item (admission).",
+  ],
+  citysip_stage_seconds_per_item: [
+    "gauge",
+    "Wall time per item taken while the queue was backlogged (the inverse of the drain rate).",
+  ],
   citysip_stage_queue_wait_seconds: ["histogram", "Time items waited in the queue."],
   citysip_stage_service_seconds: ["histogram", "Time items spent in service."],
   citysip_flows_open: ["gauge", "TCP flows held."],
@@ -51,6 +59,8 @@ export function renderMetrics(workers: readonly WorkerMetrics[]): string {
       add("citysip_stage_queue_length", sl, s.queueLength);
       add("citysip_stage_queue_capacity", sl, s.queueCapacity);
       add("citysip_stage_in_flight", sl, s.inFlight);
+      add("citysip_stage_queue_delay_seconds", sl, s.queueDelayMs / 1000);
+      add("citysip_stage_seconds_per_item", sl, s.perItemMs / 1000);
       for (
         const [name, h] of [
           ["citysip_stage_queue_wait_seconds", s.queueWait],

@@ -286,19 +286,15 @@ export function quickResponse(
   // and Call-ID are copied when present, so a request missing them still gets its 400 (RFC 4475
   // §3.3.1).
   if ((seen & 0b100010) !== 0b100010) return null;
-  let tail = "";
-  if (extra !== undefined) {
-    for (const [name, value] of extra) tail += canonicalHeaderName(name) + ": " + value + "\r\n";
-  }
-  tail += "Content-Length: 0\r\n\r\n";
-  const statusLine = "SIP/2.0 " + status + " " + reason + "\r\n";
+  const { statusLine, tail } = fixedParts(status, reason, extra);
   const tag = toTag !== undefined && toRange >= 0 &&
       !hasTag(bytes, ranges[toRange]!, ranges[toRange + 1]!)
     ? ";tag=" + toTag
     : "";
-  const max = size + ranges.length + 3 * (statusLine.length + tail.length + tag.length);
+  const max = size + ranges.length + statusLine.length + tail.length + 3 * tag.length;
   const [out, at] = reserve(max);
-  let o = at + putString(out, at, statusLine);
+  out.set(statusLine, at);
+  let o = at + statusLine.length;
   for (let i = 0; i < ranges.length; i += 2) {
     const s = ranges[i]!;
     const e = ranges[i + 1]!;
@@ -312,15 +308,43 @@ export function quickResponse(
     out[o++] = 13;
     out[o++] = 10;
   }
-  o += putString(out, o, tail);
+  out.set(tail, o);
+  o += tail.length;
   return commit(out, at, o - at);
+}
+
+/** Encoded status lines and header tails of quick responses, by their text (few distinct ones). */
+const encoder = new TextEncoder();
+const fixedCache = new Map<string, { statusLine: Uint8Array; tail: Uint8Array }>();
+const FIXED_CACHE_MAX = 256;
+
+/** The status line and the extra headers + `Content-Length: 0` + blank line, as bytes. */
+function fixedParts(
+  status: number,
+  reason: string,
+  extra: ReadonlyArray<readonly [string, string]> | undefined,
+): { statusLine: Uint8Array; tail: Uint8Array } {
+  let key = status + " " + reason;
+  if (extra !== undefined) { for (const [name, value] of extra) key += "\n" + name + ":" + value; }
+  let parts = fixedCache.get(key);
+  if (parts === undefined) {
+    let tail = "";
+    if (extra !== undefined) {
+      for (const [name, value] of extra) tail += canonicalHeaderName(name) + ": " + value + "\r\n";
+    }
+    tail += "Content-Length: 0\r\n\r\n";
+    parts = {
+      statusLine: encoder.encode("SIP/2.0 " + status + " " + reason + "\r\n"),
+      tail: encoder.encode(tail),
+    };
+    if (fixedCache.size >= FIXED_CACHE_MAX) fixedCache.clear();
+    fixedCache.set(key, parts);
+  }
+  return parts;
 }
 
 /** Index of the first byte after the next LF at or after `i` (or the length). */
 function nextLine(b: Uint8Array, i: number): number {
-  const n = b.length;
-  while (i < n) {
-    if (b[i++] === 10) return i;
-  }
-  return n;
+  const lf = b.indexOf(10, i);
+  return lf < 0 ? b.length : lf + 1;
 }

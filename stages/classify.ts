@@ -106,6 +106,8 @@ export function createClassifyStage(options: ClassifyOptions): Stage<Inbound> {
         }
         if (inbound.flow?.saturated) return refuse(inbound, delay, "flow-overload-503");
       }
+      // A UDP datagram may be a view of the transport's receive buffer: the queue keeps a copy.
+      if (inbound.udp !== null) inbound = { ...inbound, bytes: inbound.bytes.slice() };
       inbound.flow?.requestStarted();
       if (!registrar.offer(inbound, cls === 1)) {
         inbound.flow?.requestDone();

@@ -51,12 +51,11 @@ export function createFrameStage(
     ...FRAME_SETTINGS,
     onError: options.onError,
     handler(input) {
-      const at = performance.now();
       if (input.flow === null) {
         const { bytes } = input;
         if (bytes.length > options.maxMessageSize) return stage.drop("too-large");
         if (isOnlyCrlf(bytes)) return stage.drop("keepalive");
-        options.next({ bytes, source: input.source, flow: null, udp: input.udp, receivedAt: at });
+        options.next({ bytes, source: input.source, flow: null, udp: input.udp });
         return;
       }
       const flow = input.flow;
@@ -67,7 +66,7 @@ export function createFrameStage(
       })) as StreamFramer;
       for (const item of framer.push(input.bytes)) {
         if (item.type === "message") {
-          options.next({ bytes: item.bytes, source: flow.source, flow, udp: null, receivedAt: at });
+          options.next({ bytes: item.bytes, source: flow.source, flow, udp: null });
         } else if (item.type === "ping") {
           flow.send(PONG);
         } else {

@@ -16,8 +16,6 @@ export interface Inbound {
   readonly flow: Flow | null;
   /** The UDP socket it arrived on (responses leave from it), or null for TCP. */
   readonly udp: UdpTransport | null;
-  /** performance.now() when the message was framed. */
-  readonly receivedAt: number;
 }
 
 /** A response to send, as it enters respond. */

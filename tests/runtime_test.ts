@@ -103,7 +103,7 @@ Deno.test("Stage (SEDA runtime)", async (t) => {
     },
   );
 
-  await t.step("queue delay follows the waiting items and fades once they are served", async () => {
+  await t.step("queue delay: a stuck stage's head age counts; none once served", async () => {
     const release = Promise.withResolvers<void>();
     const stage = new Stage<number>({
       name: "q",
@@ -114,13 +114,65 @@ Deno.test("Stage (SEDA runtime)", async (t) => {
     });
     stage.offer(1);
     stage.offer(2);
-    await new Promise((r) => setTimeout(r, 60));
-    assert.ok(stage.queueDelayMs() >= 50, `delay ${stage.queueDelayMs()}`);
+    await new Promise((r) => setTimeout(r, 30));
+    // Item 1 was taken at once, item 2 waits a moment behind it.
+    assert.ok(stage.queueDelayMs() < 5, `delay while item 1 is served ${stage.queueDelayMs()}`);
+    await new Promise((r) => setTimeout(r, 250));
+    // Nothing taken for longer than STUCK_MS: the head's age counts.
+    assert.ok(stage.queueDelayMs() >= 250, `delay when stuck ${stage.queueDelayMs()}`);
     release.resolve();
     await stage.idle();
-    await new Promise((r) => setTimeout(r, 600));
-    assert.ok(stage.queueDelayMs() < 5, `delay after ${stage.queueDelayMs()}`);
+    assert.equal(stage.queueDelayMs(), 0, "nothing waits");
   });
+
+  await t.step(
+    "queue delay: a burst after a pause is absorbed, a growing queue is seen at once",
+    async () => {
+      const stage = new Stage<number>({
+        name: "q",
+        capacity: 100_000,
+        concurrency: 1,
+        mode: "deferred",
+        budgetMs: 1,
+        handler: () => {
+          const until = performance.now() + 0.5; // 0.5 ms of work each: 2,000 items/s
+          while (performance.now() < until) { /* busy */ }
+        },
+      });
+      // Light load: items are taken as they come.
+      for (let i = 0; i < 10; i++) {
+        stage.offer(i);
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      // A burst: 40 items (20 ms of work) arrive at once, and the loop then stalls 40 ms.
+      for (let i = 0; i < 40; i++) stage.offer(i);
+      const stall = performance.now() + 40;
+      while (performance.now() < stall) { /* the event loop is busy elsewhere */ }
+      const head = stage.headAgeMs();
+      assert.ok(head >= 40, `the head waited through the stall ${head}`);
+      assert.ok(stage.queueDelayMs() < 25, `20 ms of work is not 40 ms ${stage.queueDelayMs()}`);
+      await stage.idle();
+      // 4,000 items/s offered against 2,000/s served: the predicted delay follows the queue's growth
+      // (about 10 ms more per 10 ms), not the head's age, which lags by the delay itself.
+      const seen: { predicted: number; head: number; work: number }[] = [];
+      for (let k = 0; k < 30; k++) {
+        for (let i = 0; i < 40; i++) stage.offer(i);
+        await new Promise((r) => setTimeout(r, 10));
+        seen.push({
+          predicted: stage.queueDelayMs(),
+          head: stage.headAgeMs(),
+          work: stage.queueLength * 0.5,
+        });
+      }
+      const last = seen[seen.length - 1]!;
+      assert.ok(
+        last.predicted > 0.5 * last.work,
+        `predicted ${last.predicted} for ${last.work} ms of work`,
+      );
+      assert.ok(last.predicted > last.head, `ahead of the head's age (${last.head})`);
+      await stage.idle();
+    },
+  );
 });
 
 Deno.test("Histogram buckets and quantiles", () => {

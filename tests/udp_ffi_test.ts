@@ -182,7 +182,7 @@ Deno.test("udp_ffi: echo, source decoding, sizes and bursts", async (t) => {
 
   await t.step("a burst of 60 datagrams is received in order, each a copy of its own", async () => {
     const got: Uint8Array[] = [];
-    const transport = await listenUdpReusePort("127.0.0.1", 0, (bytes) => got.push(bytes));
+    const transport = await listenUdpReusePort("127.0.0.1", 0, (bytes) => got.push(bytes.slice()));
     const client = await peer("127.0.0.1");
     try {
       // node:dgram under Deno sends a burst of unawaited send() calls in reverse order: await each.

@@ -7,8 +7,11 @@
  * Receiving: the socket is blocking; one `recvmmsg(…, 64, MSG_WAITFORONE)` at a time runs as a
  * `nonblocking` FFI call on a thread of Deno's blocking pool (the event loop never waits on it), and
  * when it returns a batch, more batches are drained synchronously with `MSG_DONTWAIT` (a cheap call
- * on the main thread that never blocks) before the next threaded wait. Sending is a synchronous
- * `sendto(…, MSG_DONTWAIT)`: a full send buffer (`EAGAIN`) is a drop, counted in `sendErrors`.
+ * on the main thread that never blocks) before the next threaded wait. Sending: the datagrams sent in
+ * one turn of the event loop leave together in `sendmmsg(…, MSG_DONTWAIT)` calls of up to 64 when the
+ * turn's synchronous work is done (a microtask), so that a batch received and answered at once (e.g.
+ * 64 503s under overload) costs one system call, not 64; a full send buffer (`EAGAIN`) is a drop,
+ * counted in `sendErrors`.
  * `close()` shuts the socket down, which wakes the pending receive, and closes the descriptor after
  * that receive has returned (so the descriptor number is never reused under a call in flight).
  *
@@ -66,7 +69,7 @@ const SYMBOLS = {
     result: "i32",
     nonblocking: true,
   },
-  sendto: { parameters: ["i32", "buffer", "usize", "i32", "buffer", "u32"], result: "i32" },
+  sendmmsg: { parameters: ["i32", "pointer", "u32", "i32"], result: "i32" },
   shutdown: { parameters: ["i32", "i32"], result: "i32" },
   close: { parameters: ["i32"], result: "i32" },
   __errno_location: { parameters: [], result: "pointer" },
@@ -151,7 +154,8 @@ function fail(call: string, errno: number, host: string, port: number): never {
 /**
  * Binds a UDP socket on host:port with `SO_REUSEPORT` (and `SO_REUSEADDR`), so every process of the
  * same user that binds the same address and port shares its datagrams, and calls `onDatagram` for
- * each datagram received. Same contract as {@link listenUdp} in `udp.ts`: `send` never throws
+ * each datagram received, with a view of the receive buffer that is reused once `onDatagram`
+ * returns: what keeps the bytes longer copies them (a refused datagram is never copied). Same contract as {@link listenUdp} in `udp.ts`: `send` never throws
  * (failures and `EAGAIN` drops are counted in `sendErrors`), `close` resolves once the socket is
  * closed and the port released. An IPv6 host (containing `:`) opens a dual-stack `AF_INET6` socket
  * (IPv4 peers appear as `::ffff:a.b.c.d`); `host` may also be a name, resolved once.
@@ -243,7 +247,8 @@ export async function listenUdpReusePort(
         peer = sourceCache.get(key) ?? formatIPv4(names, n + 4);
         if (sourceCache.size < DEST_CACHE) sourceCache.set(key, peer);
       }
-      const bytes = data.slice(i * SLOT, i * SLOT + length);
+      // A view of the receive slot, valid until `onDatagram` returns (see listenUdpReusePort).
+      const bytes = data.subarray(i * SLOT, i * SLOT + length);
       try {
         onDatagram(bytes, {
           transport: "udp",
@@ -258,6 +263,9 @@ export async function listenUdpReusePort(
       }
       if (closing) return;
     }
+    // What was sent while handling the batch leaves now, before the next batch overwrites the
+    // receive slots (a reply may be a view of one, e.g. an echo).
+    flush();
   };
 
   const receiving = (async () => {
@@ -289,6 +297,65 @@ export async function listenUdpReusePort(
   const destinations = new Map<string, Uint8Array | null>();
   let closed: Promise<void> | undefined;
 
+  // Send batch: datagrams and their addresses of this turn, and the mmsghdrs and iovecs that point at
+  // them, filled just before each `sendmmsg` (the arrays are referenced until it returns).
+  const outBytes: Uint8Array[] = [];
+  const outNames: Uint8Array[] = [];
+  const outIovs = new Uint8Array(BATCH * 16);
+  const outHdrs = new Uint8Array(BATCH * MMSGHDR);
+  const outIovView = new DataView(outIovs.buffer);
+  const outHdrView = new DataView(outHdrs.buffer);
+  const outIovsAt = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(outIovs)));
+  const outHdrsPtr = Deno.UnsafePointer.of(outHdrs);
+  for (let i = 0; i < BATCH; i++) {
+    outHdrView.setBigUint64(i * MMSGHDR + 16, outIovsAt + BigInt(i * 16), true); // msg_iov
+    outHdrView.setBigUint64(i * MMSGHDR + 24, 1n, true); // msg_iovlen
+  }
+  const addressOf = (b: Uint8Array): bigint =>
+    BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(b)));
+
+  /** Sends the datagrams of this turn. */
+  const flush = (): void => {
+    const count = outBytes.length;
+    if (count === 0) return;
+    if (closing) {
+      sendErrors += count;
+      outBytes.length = outNames.length = 0;
+      return;
+    }
+    for (let i = 0; i < count; i++) {
+      const bytes = outBytes[i]!, name = outNames[i]!;
+      outIovView.setBigUint64(i * 16, addressOf(bytes), true); // iov_base
+      outIovView.setBigUint64(i * 16 + 8, BigInt(bytes.length), true); // iov_len
+      const h = i * MMSGHDR;
+      outHdrView.setBigUint64(h, addressOf(name), true); // msg_name
+      outHdrView.setUint32(h + 8, name.length, true); // msg_namelen
+    }
+    let from = 0;
+    while (from < count) {
+      const sent = lib.sendmmsg(
+        fd,
+        from === 0 ? outHdrsPtr : Deno.UnsafePointer.offset(outHdrsPtr!, from * MMSGHDR),
+        count - from,
+        MSG_DONTWAIT | MSG_NOSIGNAL,
+      );
+      if (sent > 0) {
+        from += sent;
+        continue;
+      }
+      const e = sent < 0 ? errno() : 0;
+      if (e === EINTR) continue;
+      if (e === EAGAIN) {
+        sendErrors += count - from; // the send buffer is full: the rest are dropped
+        break;
+      }
+      // An error on the first datagram left (unreachable, bad address): it is dropped, the rest go.
+      sendErrors++;
+      from++;
+    }
+    outBytes.length = outNames.length = 0;
+  };
+
   return {
     address: localAddress,
     port: localPort,
@@ -311,28 +378,13 @@ export async function listenUdpReusePort(
         sendErrors++;
         return;
       }
-      let sent = lib.sendto(
-        fd,
-        bytes,
-        BigInt(bytes.length),
-        MSG_DONTWAIT | MSG_NOSIGNAL,
-        sa,
-        sa.length,
-      );
-      if (sent < 0 && errno() === EINTR) {
-        sent = lib.sendto(
-          fd,
-          bytes,
-          BigInt(bytes.length),
-          MSG_DONTWAIT | MSG_NOSIGNAL,
-          sa,
-          sa.length,
-        );
-      }
-      if (sent < 0) sendErrors++; // EAGAIN (full buffer) is a drop, like any other failure
+      if (outBytes.push(bytes) === 1) queueMicrotask(flush);
+      outNames.push(sa);
+      if (outBytes.length === BATCH) flush();
     },
     close() {
       closed ??= (async () => {
+        flush(); // what was sent before close leaves
         closing = true;
         lib.shutdown(fd, SHUT_RDWR); // wakes the pending recvmmsg (ENOTCONN is expected, harmless)
         await receiving;
