@@ -1,7 +1,9 @@
 /**
  * One load-generator process. Reads {@linkcode Command}s (JSON lines) on stdin, runs each,
  * answers with a {@linkcode Reply} line on stdout. Sockets are `node:dgram` and `node:net`
- * (cheapest per idle connection under Deno); a process holds at most ~19,000 of them.
+ * (cheapest per idle connection under Deno); a process holds at most ~19,000 of them. On Linux
+ * the two hot modes (`udp`, `tcp_persistent`) run in {@linkcode ./loadgen_ffi.ts} instead: libc
+ * sockets in a synchronous loop, a fraction of the CPU per request.
  *
  * Run by {@linkcode ./loadgen.ts}; not meant to be started by hand.
  *
@@ -23,6 +25,7 @@ import type {
   RunSpec,
 } from "./loadgen_types.ts";
 import { registerBuilder, seqOf, splitStream, statusOf } from "./sip_scan.ts";
+import { ffiEngineFits, runFfi } from "./loadgen_ffi.ts";
 
 const T1 = 500;
 const T2 = 4000;
@@ -160,6 +163,10 @@ function connect(
 
 /** Runs one REGISTER load (any transport mode) and returns this worker's counters. */
 async function run(worker: number, spec: RunSpec): Promise<RunResult> {
+  if (ffiEngineFits(spec)) {
+    const r = await runFfi(worker, spec);
+    if (r !== null) return r;
+  }
   const c0 = cpuNow();
   const tally = new Tally();
   const pending = new Map<number, Pending>();
