@@ -52,6 +52,23 @@ export function processTree(pid: number): number[] {
   return out;
 }
 
+/**
+ * Pins every thread of `pid` and of its descendants to `cpus` (a `taskset` list such as "0" or
+ * "1"); children forked later inherit it. Returns false if `taskset` failed for any of them.
+ */
+export async function pinTree(pid: number, cpus: string): Promise<boolean> {
+  let ok = true;
+  for (const p of processTree(pid)) {
+    const out = await new Deno.Command("taskset", {
+      args: ["-a", "-p", "-c", cpus, String(p)],
+      stdout: "null",
+      stderr: "null",
+    }).output().catch(() => null);
+    if (out === null || !out.success) ok = false;
+  }
+  return ok;
+}
+
 /** Memory of a process tree, in bytes. */
 export interface TreeMemory {
   /** Processes counted. */

@@ -110,6 +110,15 @@ export function overloadRatio(results: Results, target: string, mode: string): n
   return s ? s.goodput_ratio : null;
 }
 
+/** p99 latency (ms) of the requests admitted (answered 2xx) in our generator's 3x round. */
+export function overloadP99(results: Results, target: string, mode: string): number | null {
+  const steps = get(results, "overload", target, mode, "steps") as
+    | (Round & { factor: number })[]
+    | undefined;
+  if (!Array.isArray(steps)) return null;
+  return steps.find((x) => Math.abs(x.factor - 3) < 1e-9)?.latency.p99_ms ?? null;
+}
+
 function p80(results: Results, target: string, store: string, mode: string): number | null {
   const m = get(results, "register", target, store, mode) as ModeResult | undefined;
   return m && typeof m === "object" && "closed" in m ? m.p99_ms_at_80pct : null;
@@ -166,6 +175,11 @@ export function markdown(results: Results, summary: Summary): string {
       `| goodput/capacity at 3x, ${label} | ${PAPER.overload_goodput_ratio_at_3x[key]} | ${
         n(overloadRatio(results, "citysip", mode))
       } | ${n(overloadRatio(results, "kamailio", mode))} | |`,
+    );
+    lines.push(
+      `| p99 ms of admitted at 3x, ${label} | | ${n(overloadP99(results, "citysip", mode))} | ${
+        n(overloadP99(results, "kamailio", mode))
+      } | |`,
     );
   }
   const kc = lastLevel(conns(results, "kamailio"));

@@ -30,6 +30,8 @@ export interface SippOptions {
   timeoutS: number;
   /** Users in the injection file. @default calls */
   users?: number;
+  /** CPUs to run SIPp on (a `taskset` list, e.g. "1"); any when left out. */
+  cpus?: string;
 }
 
 /** What one SIPp run did. */
@@ -112,8 +114,8 @@ export async function runSipp(o: SippOptions): Promise<SippResult> {
       "15000",
     ];
     const t0 = performance.now();
-    const child = new Deno.Command("sipp", {
-      args,
+    const child = new Deno.Command(o.cpus === undefined ? "sipp" : "taskset", {
+      args: o.cpus === undefined ? args : ["-c", o.cpus, "sipp", ...args],
       cwd: dir,
       stdin: "null",
       stdout: "null",
