@@ -99,9 +99,7 @@ export function createClassifyStage(options: ClassifyOptions): Stage<Inbound> {
       if (cls >= 2) {
         const delay = registrar.queueDelayMs();
         const target = cls === 2 ? options.admissionDelayMs : options.admissionDelayMs / 2;
-        // An old head with few items behind it means the loop was busy elsewhere (reading a flood),
-        // not that the registrar is behind: refusing those few would not help.
-        if ((delay > target && registrar.queueLength >= MIN_BACKLOG) || registrar.free === 0) {
+        if ((delay > target && standing(delay, target)) || registrar.free === 0) {
           return refuse(inbound, delay, "overload-503");
         }
         if (inbound.flow?.saturated) return refuse(inbound, delay, "flow-overload-503");
@@ -115,6 +113,18 @@ export function createClassifyStage(options: ClassifyOptions): Stage<Inbound> {
       }
     },
   });
+
+  /**
+   * Whether an expected delay over the target comes from a standing queue rather than a burst: a
+   * burst (a read of many messages at once, the queue refilled after a GC pause) is served within a
+   * few targets and is absorbed; a queue whose head has already waited a quarter of the target, or
+   * that holds more than four targets of work, is refused from. A few items behind an old head mean
+   * the loop was busy elsewhere, not that the registrar is behind: refusing them would not help.
+   */
+  function standing(delay: number, target: number): boolean {
+    if (registrar.queueLength < MIN_BACKLOG) return false;
+    return delay > 4 * target || registrar.headAgeMs() > target / 4;
+  }
 
   function refuse(inbound: Inbound, delayMs: number, why: string): void {
     // Retry-After grows with the overload: the time the backlog needs, at least 1 s (RFC 3261 §21.5.4).

@@ -16,13 +16,14 @@ import type { Source } from "../sip/message.ts";
 export const MAX_SEND_BACKLOG = 256 * 1024;
 
 /**
- * Requests one flow may have in service (admitted, not yet answered). Beyond it, classify answers the
+ * Requests one flow may have in service (admitted, not yet answered): room for a trunk (an SBC or
+ * proxy carrying many users' transactions on one connection). Beyond it, classify answers the
  * flow's new requests with 503 instead of queueing them. Reading never pauses for this: a paused flow
  * would hold its BYEs, CANCELs and responses behind the REGISTERs waiting in its TCP window
  * (head-of-line blocking), and requests left in the window age past the client's timers, the
  * collapse the paper measured over TCP.
  */
-export const FLOW_MAX_IN_SERVICE = 128;
+export const FLOW_MAX_IN_SERVICE = 1024;
 
 /**
  * What a flow needs of a connection: the subset of `node:net`'s Socket the stages use, so that
