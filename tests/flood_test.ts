@@ -17,6 +17,7 @@
 import assert from "node:assert/strict";
 import net from "node:net";
 import { startServer, type TestServer } from "./_server.ts";
+import { runInWorker } from "./_worker.ts";
 
 const FLOODER = "127.0.0.2";
 const GOOD = "127.0.0.3";
@@ -328,20 +329,7 @@ function udpFlooder(): void {
 
 /** Runs `udpFlooder` in a Web Worker and resolves with its report. */
 function flood(spec: FloodSpec): Promise<FloodResult> {
-  const source = `(${udpFlooder.toString()})();`;
-  const url = URL.createObjectURL(new Blob([source], { type: "application/javascript" }));
-  const worker = new Worker(url, { type: "module" });
-  const done = Promise.withResolvers<FloodResult>();
-  worker.onmessage = (e: MessageEvent<FloodResult>) => done.resolve(e.data);
-  worker.onerror = (e) => {
-    e.preventDefault();
-    done.reject(new Error(`flooder failed: ${e.message}`));
-  };
-  worker.postMessage(spec);
-  return done.promise.finally(() => {
-    worker.terminate();
-    URL.revokeObjectURL(url);
-  });
+  return runInWorker<FloodSpec, FloodResult>(udpFlooder, spec);
 }
 
 // ---------------------------------------------------------------------------------------------

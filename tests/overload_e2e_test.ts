@@ -43,6 +43,7 @@
 import assert from "node:assert/strict";
 import net from "node:net";
 import { startServer, type TestServer } from "./_server.ts";
+import { runInWorker } from "./_worker.ts";
 import { bytesOf, contactsOf, parseResponse, type Response } from "./_client.ts";
 
 const FLOODER = "127.0.0.2";
@@ -431,20 +432,7 @@ function udpFlooder(): void {
 
 /** Runs `udpFlooder` in a Web Worker and resolves with its report. */
 function flood(spec: FloodSpec): Promise<FloodResult> {
-  const source = `(${udpFlooder.toString()})();`;
-  const url = URL.createObjectURL(new Blob([source], { type: "application/javascript" }));
-  const worker = new Worker(url, { type: "module" });
-  const done = Promise.withResolvers<FloodResult>();
-  worker.onmessage = (e: MessageEvent<FloodResult>) => done.resolve(e.data);
-  worker.onerror = (e) => {
-    e.preventDefault();
-    done.reject(new Error(`flooder failed: ${e.message}`));
-  };
-  worker.postMessage(spec);
-  return done.promise.finally(() => {
-    worker.terminate();
-    URL.revokeObjectURL(url);
-  });
+  return runInWorker<FloodSpec, FloodResult>(udpFlooder, spec);
 }
 
 // ---------------------------------------------------------------------------------------------
