@@ -254,8 +254,8 @@ export class Stage<T> {
    * taken for {@link STUCK_MS} (the handler hangs), the head's age if larger. Predicted from the
    * queue rather than read off the head, it rises as soon as the queue does: a head-age signal lags
    * by the target itself, and a fast reader fills the queue with many targets' worth of work
-   * meanwhile. A burst, or a pause of the event loop (GC, a long read), leaves a queue that drains
-   * in a few milliseconds and is not refused.
+   * meanwhile. Whether a delay over the target is refused is classify's decision (a burst that
+   * drains soon is absorbed there).
    */
   queueDelayMs(at: number = now()): number {
     const size = this.#size;
