@@ -247,6 +247,38 @@ function describe(r: Round): string {
     (r.generator_limited ? ` [generator-limited: ${r.generator_limited}]` : "");
 }
 
+/**
+ * The closed-loop measure of one mode: `plan.closedRounds` rounds of `plan.outstanding` requests in
+ * flight, the k-th with users from `req.userBase + k * userStep`, each logged as `label #k`. The
+ * median round by goodput stands for the mode.
+ */
+async function closedLoop(
+  ctx: Context,
+  gen: LoadGen,
+  t: Target,
+  req: RunRequest,
+  userStep: number,
+  label: string,
+): Promise<{ rounds: Round[]; median: Round }> {
+  const plan = ctx.plan;
+  const rounds: Round[] = [];
+  for (let k = 0; k < plan.closedRounds; k++) {
+    const r = await measuredRun(gen, t, {
+      ...req,
+      userBase: (req.userBase ?? 0) + k * userStep,
+      loop: "closed",
+      outstanding: plan.outstanding,
+      durationMs: plan.closedMs,
+    });
+    rounds.push(r);
+    ctx.log(`${label} #${k + 1}: ${describe(r)}`);
+  }
+  const median = [...rounds].sort((a, b) => a.goodput_per_s - b.goodput_per_s)[
+    Math.floor(rounds.length / 2)
+  ]!;
+  return { rounds, median };
+}
+
 /** Starts `name` in `store` mode, runs `fn`, stops it whatever happens. */
 export async function withTarget<T>(
   name: TargetName | "echo",
@@ -335,22 +367,14 @@ export async function registerTarget(
         for (const mode of MODES_BY_STORE[store]) {
           base += 1_000_000;
           const req = baseRequest(plan, t, mode, base);
-          // Closed loop: the median of `closedRounds` rounds (by goodput) stands for the mode.
-          const rounds: Round[] = [];
-          for (let k = 0; k < plan.closedRounds; k++) {
-            const r = await measuredRun(gen, t, {
-              ...req,
-              userBase: base + k * 250_000,
-              loop: "closed",
-              outstanding: plan.outstanding,
-              durationMs: plan.closedMs,
-            });
-            rounds.push(r);
-            ctx.log(`register ${name}/${store} ${mode} closed #${k + 1}: ${describe(r)}`);
-          }
-          const closed = [...rounds].sort((a, b) => a.goodput_per_s - b.goodput_per_s)[
-            Math.floor(rounds.length / 2)
-          ]!;
+          const { rounds, median: closed } = await closedLoop(
+            ctx,
+            gen,
+            t,
+            req,
+            250_000,
+            `register ${name}/${store} ${mode} closed`,
+          );
           const cap = Math.max(50, closed.goodput_per_s);
           const sweep: Round[] = [];
           let sustainable: number | null = null;
@@ -436,21 +460,14 @@ export async function scenarioWorkers(ctx: Context): Promise<Record<string, unkn
           for (const mode of ["udp", "tcp_persistent"] as const) {
             base += 1_000_000;
             const req = baseRequest(plan, t, mode, base);
-            const rounds: Round[] = [];
-            for (let k = 0; k < plan.closedRounds; k++) {
-              const r = await measuredRun(gen, t, {
-                ...req,
-                userBase: base + k * 250_000,
-                loop: "closed",
-                outstanding: plan.outstanding,
-                durationMs: plan.closedMs,
-              });
-              rounds.push(r);
-              ctx.log(`workers ${workers} ${mode} closed #${k + 1}: ${describe(r)}`);
-            }
-            const med = [...rounds].sort((a, b) => a.goodput_per_s - b.goodput_per_s)[
-              Math.floor(rounds.length / 2)
-            ]!;
+            const { rounds, median: med } = await closedLoop(
+              ctx,
+              gen,
+              t,
+              req,
+              250_000,
+              `workers ${workers} ${mode} closed`,
+            );
             modes[mode] = {
               goodput_per_s: med.goodput_per_s,
               rounds_per_s: rounds.map((r) => r.goodput_per_s),
@@ -532,21 +549,15 @@ export async function scenarioOverload(
           for (const mode of ["udp", "tcp_persistent"] as const) {
             base += 1_000_000;
             const req = baseRequest(plan, t, mode, base);
-            const closed: Round[] = [];
-            for (let k = 0; k < plan.closedRounds; k++) {
-              const r = await measuredRun(gen, t, {
-                ...req,
-                userBase: base + 500_000 + k * 100_000,
-                loop: "closed",
-                outstanding: plan.outstanding,
-                durationMs: plan.closedMs,
-              });
-              closed.push(r);
-              ctx.log(`overload ${name} ${mode} capacity #${k + 1}: ${describe(r)}`);
-            }
-            const capacity = [...closed].sort((x, y) => x.goodput_per_s - y.goodput_per_s)[
-              Math.floor(closed.length / 2)
-            ]!.goodput_per_s;
+            const { rounds: closed, median } = await closedLoop(
+              ctx,
+              gen,
+              t,
+              { ...req, userBase: base + 500_000 },
+              100_000,
+              `overload ${name} ${mode} capacity`,
+            );
+            const capacity = median.goodput_per_s;
             const steps: (Round & { factor: number; goodput_ratio: number })[] = [];
             for (const f of plan.overload) {
               const rate = Math.round(capacity * f);
