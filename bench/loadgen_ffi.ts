@@ -44,6 +44,7 @@
  * @module
  */
 import process from "node:process";
+import { type OpenLibc, openLibc } from "../transport/_libc.ts";
 import { AF_INET, literalFor } from "../transport/_sockaddr.ts";
 import { Histogram } from "./hist.ts";
 import type { RunResult, RunSpec } from "./loadgen_types.ts";
@@ -130,22 +131,20 @@ const SYMBOLS = {
 
 type Sym = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
 
+let libc: OpenLibc<typeof SYMBOLS> | null = null;
 let sym: Sym | null = null;
-let errnoView: Deno.UnsafePointerView | null = null;
 
 /** libc, opened on first use (once per process). */
 function lib(): Sym {
-  if (sym !== null) return sym;
-  const opened = Deno.dlopen("libc.so.6", SYMBOLS).symbols;
-  const where = opened.__errno_location();
-  if (where === null) throw new Error("loadgen_ffi: __errno_location returned NULL");
-  errnoView = new Deno.UnsafePointerView(where);
-  sym = opened;
+  if (sym === null) {
+    libc = openLibc(SYMBOLS, "loadgen_ffi");
+    sym = libc.symbols;
+  }
   return sym;
 }
 
 /** errno of the last failed call on this thread. */
-const errno = (): number => errnoView!.getInt32(0);
+const errno = (): number => libc!.errno();
 
 const now = (): number => performance.now();
 

@@ -30,6 +30,7 @@
  *
  * @module
  */
+import { type OpenLibc, openLibc } from "./_libc.ts";
 import { AF_INET, AF_INET6, formatIPv6, literalFor } from "./_sockaddr.ts";
 import type { FlowSocket, TcpTransport } from "./tcp.ts";
 
@@ -130,17 +131,11 @@ const SYMBOLS = {
 
 type Libc = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
 
-let libc: { symbols: Libc; errno: () => number } | undefined;
+let libc: OpenLibc<typeof SYMBOLS> | undefined;
 
-/** Opens libc once per isolate; `errno` reads this (main) thread's errno after a synchronous call. */
-function openLibc(): { symbols: Libc; errno: () => number } {
-  if (libc) return libc;
-  const lib = Deno.dlopen("libc.so.6", SYMBOLS);
-  const where = lib.symbols.__errno_location();
-  if (where === null) throw new Error("tcp_ffi: __errno_location returned NULL");
-  const view = new Deno.UnsafePointerView(where);
-  libc = { symbols: lib.symbols, errno: () => view.getInt32(0) };
-  return libc;
+/** libc with this module's symbols, opened once per isolate. */
+function libcOnce(): OpenLibc<typeof SYMBOLS> {
+  return libc ??= openLibc(SYMBOLS, "tcp_ffi");
 }
 
 const ERRNO_NAMES: Record<number, string> = {
@@ -586,7 +581,7 @@ class Loop {
   done: Promise<void> | undefined;
 
   constructor(
-    readonly libc: { symbols: Libc; errno: () => number },
+    readonly libc: OpenLibc<typeof SYMBOLS>,
     readonly epfd: number,
     readonly wakeFd: number,
     listenFd: number,
@@ -854,7 +849,7 @@ export async function listenTcpReusePort(
   onConnection: (socket: FlowSocket) => void,
   options: TcpFfiOptions = {},
 ): Promise<TcpFfiTransport> {
-  const ffi = openLibc();
+  const ffi = libcOnce();
   const { symbols: lib, errno } = ffi;
   const { address, family } = await literalFor(host);
   const where = `${host}:${port}`;

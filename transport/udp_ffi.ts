@@ -20,6 +20,7 @@
  *
  * @module
  */
+import { type OpenLibc, openLibc } from "./_libc.ts";
 import { AF_INET, AF_INET6, formatIPv4, formatIPv6, literalFor } from "./_sockaddr.ts";
 import type { Source } from "../sip/message.ts";
 import type { UdpTransport } from "./udp.ts";
@@ -77,17 +78,11 @@ const SYMBOLS = {
 
 type Libc = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
 
-let libc: { symbols: Libc; errno: () => number } | undefined;
+let libc: OpenLibc<typeof SYMBOLS> | undefined;
 
-/** Opens libc once per isolate; `errno` reads this (main) thread's errno after a synchronous call. */
-function openLibc(): { symbols: Libc; errno: () => number } {
-  if (libc) return libc;
-  const lib = Deno.dlopen("libc.so.6", SYMBOLS);
-  const where = lib.symbols.__errno_location();
-  if (where === null) throw new Error("udp_ffi: __errno_location returned NULL");
-  const view = new Deno.UnsafePointerView(where);
-  libc = { symbols: lib.symbols, errno: () => view.getInt32(0) };
-  return libc;
+/** libc with this module's symbols, opened once per isolate. */
+function libcOnce(): OpenLibc<typeof SYMBOLS> {
+  return libc ??= openLibc(SYMBOLS, "udp_ffi");
 }
 
 const encoder = new TextEncoder();
@@ -168,7 +163,7 @@ export async function listenUdpReusePort(
   port: number,
   onDatagram: (bytes: Uint8Array, source: Source) => void,
 ): Promise<UdpTransport> {
-  const { symbols: lib, errno } = openLibc();
+  const { symbols: lib, errno } = libcOnce();
   const { address, family } = await literalFor(host);
   const bindAddr = encodeSockaddr(lib, family, address, port);
   if (bindAddr === null) fail("parse", 22, host, port);
