@@ -32,6 +32,25 @@ export function concat(...parts: Uint8Array[]): Uint8Array {
   return out;
 }
 
+/**
+ * The length of the first complete message at the start of a TCP byte stream (headers up to
+ * CRLFCRLF, then a Content-Length body), or -1 when it has not all arrived.
+ */
+export function framedLength(b: Uint8Array): number {
+  let end = -1;
+  for (let i = 0; i + 3 < b.length; i++) {
+    if (b[i] === 13 && b[i + 1] === 10 && b[i + 2] === 13 && b[i + 3] === 10) {
+      end = i + 4;
+      break;
+    }
+  }
+  if (end < 0) return -1;
+  const head = textOf(b.subarray(0, end));
+  const m = /^(?:content-length|l)[ \t]*:[ \t]*(\d+)/im.exec(head);
+  const length = end + (m ? Number(m[1]) : 0);
+  return b.length >= length ? length : -1;
+}
+
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
@@ -400,19 +419,7 @@ export class TcpClient {
 
   /** The length of the first complete message in the buffer (headers + Content-Length), or -1. */
   #framed(): number {
-    const b = this.#buffer;
-    let end = -1;
-    for (let i = 0; i + 3 < b.length; i++) {
-      if (b[i] === 13 && b[i + 1] === 10 && b[i + 2] === 13 && b[i + 3] === 10) {
-        end = i + 4;
-        break;
-      }
-    }
-    if (end < 0) return -1;
-    const head = textOf(b.subarray(0, end));
-    const m = /^(?:content-length|l)[ \t]*:[ \t]*(\d+)/im.exec(head);
-    const length = end + (m ? Number(m[1]) : 0);
-    return b.length >= length ? length : -1;
+    return framedLength(this.#buffer);
   }
 
   /** Reads the next response framed by Content-Length; throws when none completes in time. */

@@ -44,7 +44,7 @@ import assert from "node:assert/strict";
 import net from "node:net";
 import { startServer, type TestServer } from "./_server.ts";
 import { runInWorker } from "./_worker.ts";
-import { bytesOf, contactsOf, parseResponse, type Response } from "./_client.ts";
+import { bytesOf, contactsOf, framedLength, parseResponse, type Response } from "./_client.ts";
 
 const FLOODER = "127.0.0.2";
 const PROBE = "127.0.0.3";
@@ -478,17 +478,8 @@ class Probe {
 
   #take(): Uint8Array | null {
     const b = this.#buffer;
-    let end = -1;
-    for (let i = 0; i + 3 < b.length; i++) {
-      if (b[i] === 13 && b[i + 1] === 10 && b[i + 2] === 13 && b[i + 3] === 10) {
-        end = i + 4;
-        break;
-      }
-    }
-    if (end < 0) return null;
-    const m = /^(?:content-length|l)[ \t]*:[ \t]*(\d+)/im.exec(dec.decode(b.subarray(0, end)));
-    const length = end + (m ? Number(m[1]) : 0);
-    if (b.length < length) return null;
+    const length = framedLength(b);
+    if (length < 0) return null;
     this.#buffer = b.slice(length);
     return b.slice(0, length);
   }
