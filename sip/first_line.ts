@@ -73,8 +73,10 @@ export function scanFirstLine(bytes: Uint8Array): FirstLine {
     bytes[p + 3] === 0x2f
   ) {
     // "SIP/" version SP status-code
-    const sp = bytes.indexOf(0x20, p + 4);
-    if (sp < 0 || sp > p + 16 || sp + 3 >= n) return INVALID;
+    // Byte loops, not `indexOf`: TypedArray#indexOf is a call into the runtime (hot under overload).
+    let sp = p + 4;
+    while (sp < n && sp <= p + 16 && bytes[sp] !== 0x20) sp++;
+    if (sp >= n || sp > p + 16 || sp + 3 >= n) return INVALID;
     let status = 0;
     for (let i = sp + 1; i < sp + 4; i++) {
       const d = (bytes[i] ?? 0) - 0x30;
@@ -94,9 +96,10 @@ export function scanFirstLine(bytes: Uint8Array): FirstLine {
   }
   if (q === p || q >= n || bytes[q] !== 0x20) return INVALID;
   // The line must go on to a second SP (before the version); a bare "METHOD uri" is not a request.
-  const eol = bytes.indexOf(13, q);
-  const lineEnd = eol < 0 ? n : eol;
-  const sp2 = bytes.lastIndexOf(0x20, lineEnd - 1);
+  let lineEnd = q;
+  while (lineEnd < n && bytes[lineEnd] !== 13) lineEnd++;
+  let sp2 = lineEnd - 1;
+  while (sp2 > q + 1 && bytes[sp2] !== 0x20) sp2--;
   if (sp2 <= q + 1) return INVALID;
   const known = matchKnown(bytes, p, q);
   if (known !== undefined) return known;

@@ -206,7 +206,8 @@ function lineKind(b: Uint8Array, s: number, e: number): number {
 
 /** Whether the To line [s, e) has a `tag=` parameter (a crude case-insensitive byte scan). */
 function hasTag(b: Uint8Array, s: number, e: number): boolean {
-  for (let i = b.indexOf(0x3b, s); i >= 0 && i < e; i = b.indexOf(0x3b, i + 1)) {
+  for (let i = s; i < e; i++) {
+    if (b[i] !== 0x3b) continue;
     let j = i + 1;
     while (j < e && (b[j] === 0x20 || b[j] === 0x09)) j++;
     if (
@@ -221,12 +222,19 @@ function hasTag(b: Uint8Array, s: number, e: number): boolean {
   return false;
 }
 
+/** The fixed parts of a quick response: status line, and extra headers + `Content-Length: 0` + CRLF. */
+export interface QuickParts {
+  readonly statusLine: Uint8Array;
+  readonly tail: Uint8Array;
+}
+
 /**
  * Builds a response straight from raw request bytes, without a full parse: a line scan that copies
  * the Via (all lines), From, To, Call-ID and CSeq lines verbatim (compact names kept, folded
  * continuation lines kept), then `extra` headers and `Content-Length: 0`. With `toTag`, `;tag=...`
  * is appended to a To line that has no tag (RFC 3261 §8.2.6.2 asks for one on a final response).
- * Meant for cheap 503 answers under overload.
+ * Meant for cheap 503 answers under overload; a caller answering many keeps its
+ * {@link quickParts} and calls {@link quickReply}.
  *
  * Returns null when the input is not a request or has no Via or no CSeq (nothing a client could
  * match); missing From, To or Call-ID lines are left out.
@@ -238,6 +246,18 @@ export function quickResponse(
   extra?: ReadonlyArray<readonly [string, string]>,
   toTag?: string,
 ): Uint8Array | null {
+  return quickReply(bytes, quickParts(status, reason, extra), toTag);
+}
+
+/** Ranges of the lines a quick response copies, as [start, end) pairs: reused, never shared. */
+const ranges: number[] = [];
+
+/** {@link quickResponse} with its fixed parts prepared. */
+export function quickReply(
+  bytes: Uint8Array,
+  parts: QuickParts,
+  toTag?: string,
+): Uint8Array | null {
   const n = bytes.length;
   let p = 0;
   while (p < n && (bytes[p] === 13 || bytes[p] === 10)) p++;
@@ -247,8 +267,8 @@ export function quickResponse(
   ) {
     return null;
   }
-  // Ranges to copy, as [start, end) pairs, each ending just before its CRLF.
-  const ranges: number[] = [];
+  // Each range ends just before its line's CRLF.
+  ranges.length = 0;
   let seen = 0;
   let toRange = -1;
   let copying = false;
@@ -286,7 +306,7 @@ export function quickResponse(
   // and Call-ID are copied when present, so a request missing them still gets its 400 (RFC 4475
   // §3.3.1).
   if ((seen & 0b100010) !== 0b100010) return null;
-  const { statusLine, tail } = fixedParts(status, reason, extra);
+  const { statusLine, tail } = parts;
   const tag = toTag !== undefined && toRange >= 0 &&
       !hasTag(bytes, ranges[toRange]!, ranges[toRange + 1]!)
     ? ";tag=" + toTag
@@ -298,12 +318,7 @@ export function quickResponse(
   for (let i = 0; i < ranges.length; i += 2) {
     const s = ranges[i]!;
     const e = ranges[i + 1]!;
-    if (e - s > 32) {
-      out.set(bytes.subarray(s, e), o);
-      o += e - s;
-    } else {
-      for (let k = s; k < e; k++) out[o++] = bytes[k]!;
-    }
+    for (let k = s; k < e; k++) out[o++] = bytes[k]!; // (subarray + set costs more for a line)
     if (i === toRange && tag !== "") o += putString(out, o, tag);
     out[o++] = 13;
     out[o++] = 10;
@@ -315,15 +330,15 @@ export function quickResponse(
 
 /** Encoded status lines and header tails of quick responses, by their text (few distinct ones). */
 const encoder = new TextEncoder();
-const fixedCache = new Map<string, { statusLine: Uint8Array; tail: Uint8Array }>();
+const fixedCache = new Map<string, QuickParts>();
 const FIXED_CACHE_MAX = 256;
 
-/** The status line and the extra headers + `Content-Length: 0` + blank line, as bytes. */
-function fixedParts(
+/** The status line and the extra headers + `Content-Length: 0` + blank line, as bytes (cached). */
+export function quickParts(
   status: number,
   reason: string,
-  extra: ReadonlyArray<readonly [string, string]> | undefined,
-): { statusLine: Uint8Array; tail: Uint8Array } {
+  extra?: ReadonlyArray<readonly [string, string]>,
+): QuickParts {
   let key = status + " " + reason;
   if (extra !== undefined) { for (const [name, value] of extra) key += "\n" + name + ":" + value; }
   let parts = fixedCache.get(key);
@@ -345,6 +360,8 @@ function fixedParts(
 
 /** Index of the first byte after the next LF at or after `i` (or the length). */
 function nextLine(b: Uint8Array, i: number): number {
-  const lf = b.indexOf(10, i);
-  return lf < 0 ? b.length : lf + 1;
+  // A loop, not `indexOf`: TypedArray#indexOf is a call into the runtime, dear for a 40-byte line.
+  const n = b.length;
+  while (i < n) if (b[i++] === 10) return i;
+  return n;
 }

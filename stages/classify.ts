@@ -18,7 +18,7 @@
  * @module
  */
 import { scanFirstLine } from "../sip/first_line.ts";
-import { quickResponse } from "../sip/serialize.ts";
+import { type QuickParts, quickParts, quickReply } from "../sip/serialize.ts";
 import type { Inbound, Reply } from "./items.ts";
 import type { SourceRateLimiter } from "./limits.ts";
 import { localTag } from "./respond.ts";
@@ -61,6 +61,28 @@ export function priorityOf(bytes: Uint8Array): { cls: -1 | 0 | 1 | 2 | 3; method
   return { cls: 3, method: m };
 }
 
+const BAD_REQUEST_LINE = quickParts(400, "Bad Request Line");
+/** The fixed parts of `503` + `Retry-After: n`, by n (1..60): no text is built per refusal. */
+const unavailable: QuickParts[] = Array.from(
+  { length: 61 },
+  (_, n) => quickParts(503, "Service Unavailable", [["Retry-After", String(n)]]),
+);
+
+/** Retry-After (s) for a refusal: the time the backlog needs, at least 1 s (RFC 3261 §21.5.4). */
+export function retryAfterFor(delayMs: number, targetMs: number): number {
+  return Math.min(60, Math.max(1, Math.ceil(delayMs / targetMs)));
+}
+
+/**
+ * A 503 + Retry-After for an overload refusal, built by a line scan of the raw request (no parse),
+ * or null when the request carries too little to address an answer (no Via or CSeq).
+ */
+export function overloadReply(inbound: Inbound, retryAfter: number): Reply | null {
+  const bytes = quickReply(inbound.bytes, unavailable[Math.min(60, retryAfter)]!, localTag());
+  if (bytes === null) return null;
+  return { inbound, request: null, status: 503, reason: "Service Unavailable", headers: [], bytes };
+}
+
 /** Builds the classify stage. */
 export function createClassifyStage(options: ClassifyOptions): Stage<Inbound> {
   const { registrar } = options;
@@ -76,7 +98,7 @@ export function createClassifyStage(options: ClassifyOptions): Stage<Inbound> {
       if (cls === 0) return stage.drop("stray-response");
       if (cls === -1) {
         // Not a SIP start line: answer 400 if the message carries enough to address one, else drop.
-        const bytes = quickResponse(inbound.bytes, 400, "Bad Request Line", [], localTag());
+        const bytes = quickReply(inbound.bytes, BAD_REQUEST_LINE, localTag());
         if (bytes === null) return stage.drop("invalid");
         stage.drop("bad-request-line");
         return reply(inbound, 400, "Bad Request Line", bytes);
@@ -127,15 +149,10 @@ export function createClassifyStage(options: ClassifyOptions): Stage<Inbound> {
   }
 
   function refuse(inbound: Inbound, delayMs: number, why: string): void {
-    // Retry-After grows with the overload: the time the backlog needs, at least 1 s (RFC 3261 §21.5.4).
-    const retryAfter = Math.min(60, Math.max(1, Math.ceil(delayMs / options.admissionDelayMs)));
-    const bytes = quickResponse(inbound.bytes, 503, "Service Unavailable", [[
-      "Retry-After",
-      String(retryAfter),
-    ]], localTag());
-    if (bytes === null) return stage.drop(`${why}-unanswerable`);
+    const reply = overloadReply(inbound, retryAfterFor(delayMs, options.admissionDelayMs));
+    if (reply === null) return stage.drop(`${why}-unanswerable`);
     stage.drop(why);
-    reply(inbound, 503, "Service Unavailable", bytes);
+    options.respond(reply);
   }
   return stage;
 }

@@ -45,6 +45,8 @@ const EAGAIN = 11;
 const BATCH = 64;
 /** Bytes per receive slot: the largest UDP payload fits, so nothing is ever truncated. */
 const SLOT = 65536;
+/** Bytes per send slot: a datagram up to this size is copied into the wired send batch. */
+const OUT_SLOT = 2048;
 /** Room for a `sockaddr_in6` (28 bytes), rounded up. */
 const NAME = 32;
 /** `sizeof(struct mmsghdr)` on LP64 Linux: a 56-byte `msghdr`, the `msg_len`, padding. */
@@ -258,8 +260,8 @@ export async function listenUdpReusePort(
       }
       if (closing) return;
     }
-    // What was sent while handling the batch leaves now, before the next batch overwrites the
-    // receive slots (a reply may be a view of one, e.g. an echo).
+    // What was sent while handling the batch leaves now, in one system call with the batch's other
+    // replies (`send` copied each, so the receive slots may be overwritten next).
     flush();
   };
 
@@ -289,42 +291,48 @@ export async function listenUdpReusePort(
     }
   })();
 
-  const destinations = new Map<string, Uint8Array | null>();
+  // Destination addresses encoded once: by address, then port (no key string built per send).
+  const destinations = new Map<string, Map<number, Uint8Array | null>>();
+  let destinationCount = 0;
   let closed: Promise<void> | undefined;
 
-  // Send batch: datagrams and their addresses of this turn, and the mmsghdrs and iovecs that point at
-  // them, filled just before each `sendmmsg` (the arrays are referenced until it returns).
-  const outBytes: Uint8Array[] = [];
-  const outNames: Uint8Array[] = [];
+  // Send batch, wired once like the receive side: a datagram up to OUT_SLOT bytes and its address
+  // are copied into slot i of `outData`/`outNames`, whose addresses the iovecs and mmsghdrs already
+  // hold, so sending one costs two small copies and two lengths, not a pointer lookup per buffer
+  // (Deno.UnsafePointer.of records each buffer in a WeakMap: dearer than the copy). A larger one
+  // (rare: RFC 3261 §18.1.1 keeps UDP messages under the MTU) is pointed at where it is, and kept
+  // referenced until its `sendmmsg`.
+  const outData = new Uint8Array(BATCH * OUT_SLOT);
+  const outNames = new Uint8Array(BATCH * NAME);
   const outIovs = new Uint8Array(BATCH * 16);
   const outHdrs = new Uint8Array(BATCH * MMSGHDR);
   const outIovView = new DataView(outIovs.buffer);
   const outHdrView = new DataView(outHdrs.buffer);
+  const outDataAt = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(outData)));
+  const outNamesAt = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(outNames)));
   const outIovsAt = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(outIovs)));
   const outHdrsPtr = Deno.UnsafePointer.of(outHdrs);
   for (let i = 0; i < BATCH; i++) {
-    outHdrView.setBigUint64(i * MMSGHDR + 16, outIovsAt + BigInt(i * 16), true); // msg_iov
-    outHdrView.setBigUint64(i * MMSGHDR + 24, 1n, true); // msg_iovlen
+    const h = i * MMSGHDR;
+    outHdrView.setBigUint64(h, outNamesAt + BigInt(i * NAME), true); // msg_name
+    outHdrView.setBigUint64(h + 16, outIovsAt + BigInt(i * 16), true); // msg_iov
+    outHdrView.setBigUint64(h + 24, 1n, true); // msg_iovlen
+    outIovView.setBigUint64(i * 16, outDataAt + BigInt(i * OUT_SLOT), true); // iov_base
   }
-  const addressOf = (b: Uint8Array): bigint =>
-    BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(b)));
+  keepAlive.push(outData, outNames, outIovs, outHdrs);
+  /** Datagrams in the send batch, and the large ones pointed at in place (referenced until sent). */
+  let outCount = 0;
+  const outLarge: Uint8Array[] = [];
 
   /** Sends the datagrams of this turn. */
   const flush = (): void => {
-    const count = outBytes.length;
+    const count = outCount;
     if (count === 0) return;
+    outCount = 0;
     if (closing) {
       sendErrors += count;
-      outBytes.length = outNames.length = 0;
+      outLarge.length = 0;
       return;
-    }
-    for (let i = 0; i < count; i++) {
-      const bytes = outBytes[i]!, name = outNames[i]!;
-      outIovView.setBigUint64(i * 16, addressOf(bytes), true); // iov_base
-      outIovView.setBigUint64(i * 16 + 8, BigInt(bytes.length), true); // iov_len
-      const h = i * MMSGHDR;
-      outHdrView.setBigUint64(h, addressOf(name), true); // msg_name
-      outHdrView.setUint32(h + 8, name.length, true); // msg_namelen
     }
     let from = 0;
     while (from < count) {
@@ -348,7 +356,33 @@ export async function listenUdpReusePort(
       sendErrors++;
       from++;
     }
-    outBytes.length = outNames.length = 0;
+    if (outLarge.length > 0) {
+      // Slots that pointed at a large datagram point back at their own part of `outData`.
+      for (let i = 0; i < count; i++) {
+        outIovView.setBigUint64(i * 16, outDataAt + BigInt(i * OUT_SLOT), true);
+      }
+      outLarge.length = 0;
+    }
+  };
+
+  /** The encoded sockaddr of address:port (null if it is not one), cached. */
+  const destination = (address: string, port: number): Uint8Array | null => {
+    let byPort = destinations.get(address);
+    if (byPort === undefined) {
+      if (destinationCount >= DEST_CACHE) {
+        destinations.clear();
+        destinationCount = 0;
+      }
+      byPort = new Map();
+      destinations.set(address, byPort);
+    }
+    let sa = byPort.get(port);
+    if (sa === undefined) {
+      sa = port > 0 && port < 65536 ? encodeSockaddr(lib, family, address, port) : null;
+      byPort.set(port, sa);
+      destinationCount++;
+    }
+    return sa;
   };
 
   return {
@@ -362,20 +396,28 @@ export async function listenUdpReusePort(
         sendErrors++;
         return;
       }
-      const key = `${toAddress} ${toPort}`;
-      let sa = destinations.get(key);
-      if (sa === undefined) {
-        sa = toPort > 0 && toPort < 65536 ? encodeSockaddr(lib, family, toAddress, toPort) : null;
-        if (destinations.size >= DEST_CACHE) destinations.clear();
-        destinations.set(key, sa);
-      }
+      const sa = destination(toAddress, toPort);
       if (sa === null) {
         sendErrors++;
         return;
       }
-      if (outBytes.push(bytes) === 1) queueMicrotask(flush);
-      outNames.push(sa);
-      if (outBytes.length === BATCH) flush();
+      const i = outCount++;
+      if (i === 0) queueMicrotask(flush);
+      const length = bytes.length;
+      if (length <= OUT_SLOT) {
+        outData.set(bytes, i * OUT_SLOT);
+      } else {
+        outLarge.push(bytes);
+        outIovView.setBigUint64(
+          i * 16,
+          BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(bytes))),
+          true,
+        );
+      }
+      outIovView.setUint32(i * 16 + 8, length, true); // iov_len (the high half stays 0)
+      outNames.set(sa, i * NAME);
+      outHdrView.setUint32(i * MMSGHDR + 8, sa.length, true); // msg_namelen
+      if (outCount === BATCH) flush();
     },
     close() {
       closed ??= (async () => {
