@@ -65,8 +65,13 @@ export interface ServeConfig {
   readonly connectBurst: number;
   /** Longest Contact (URI and parameters) stored, bytes: bounds what a query REGISTER returns. @default 512 */
   readonly maxContactLength: number;
-  /** Queue delay (ms) above which classify refuses new requests with 503. @default 30 */
+  /** Queue delay (ms) above which classify refuses new requests with 503. @default 20 */
   readonly admissionDelayMs: number;
+  /**
+   * Queue wait (ms) after which an admitted request is answered 503 instead of served, 0 for none.
+   * @default twice the admission delay
+   */
+  readonly queueDeadlineMs: number;
   /** The location store: "memory" (nothing kept) or "postgres" (a server URL or the embedded default). */
   readonly store: "memory" | "postgres";
   /** PostgreSQL URL (`--db` or `DATABASE_URL`); null runs the embedded PostgreSQL. */
@@ -118,7 +123,8 @@ Options:
   --connect-rate N         new TCP connections per second per source IP, 0 off (default 20)
   --connect-burst N        new TCP connections a quiet source may open at once (default 100)
   --max-contact-length B   longest Contact stored (default 512)
-  --admission-delay MS     queue delay above which new requests get 503 (default 30)
+  --admission-delay MS     queue delay above which new requests get 503 (default 20)
+  --queue-deadline MS      queue wait after which an admitted request gets 503, 0 off (default 2x delay)
   --store memory|postgres  where bindings live (default postgres: --db, DATABASE_URL or embedded)
   --db URL                 PostgreSQL server URL (default: $DATABASE_URL, else the embedded engine)
   --data-dir DIR           the embedded engine's data directory (default $XDG_STATE_HOME/citysip/pglite)
@@ -205,6 +211,7 @@ export function parseServeArgs(
         workers: { type: "string" },
         "max-flows-per-ip": { type: "string" },
         "admission-delay": { type: "string" },
+        "queue-deadline": { type: "string" },
         "register-rate": { type: "string" },
         "register-burst": { type: "string" },
         "limit-action": { type: "string" },
@@ -291,6 +298,7 @@ export function parseServeArgs(
     throw new ConfigError(`invalid --udp-transport reuseport: needs Linux; use dgram`);
   }
   const limitAction = values["limit-action"] ?? "503";
+  const admissionDelayMs = integer("admission-delay", values["admission-delay"], 20, 1, 60_000);
   if (limitAction !== "503" && limitAction !== "drop") {
     throw new ConfigError(`invalid --limit-action "${limitAction}": expected 503 or drop`);
   }
@@ -334,7 +342,14 @@ export function parseServeArgs(
     connectRate: integer("connect-rate", values["connect-rate"], 20, 0, 10_000_000),
     connectBurst: integer("connect-burst", values["connect-burst"], 100, 1, 10_000_000),
     maxContactLength: integer("max-contact-length", values["max-contact-length"], 512, 64, 65536),
-    admissionDelayMs: integer("admission-delay", values["admission-delay"], 30, 1, 60_000),
+    admissionDelayMs,
+    queueDeadlineMs: integer(
+      "queue-deadline",
+      values["queue-deadline"],
+      2 * admissionDelayMs,
+      0,
+      600_000,
+    ),
     store,
     db,
     dataDir: values["data-dir"] ?? defaultDataDir(),

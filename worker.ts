@@ -76,6 +76,7 @@ export async function startWorker(options: WorkerOptions): Promise<Worker> {
     worker: options.id,
     auth: options.auth,
     respond: respondOffer,
+    ...(config.queueDeadlineMs > 0 ? { deadlineMs: config.queueDeadlineMs } : {}),
     onError,
   });
   const classify = createClassifyStage({

@@ -28,6 +28,7 @@ import { parseMessage } from "../sip/parse.ts";
 import { quickResponse } from "../sip/serialize.ts";
 import type { ContactChange, LocationStore, RegisterChange } from "../storage/location_store.ts";
 import type { Inbound, Reply } from "./items.ts";
+import { overloadReply, retryAfterFor } from "./classify.ts";
 import { localTag } from "./respond.ts";
 import { Stage } from "./runtime.ts";
 
@@ -80,6 +81,11 @@ export interface RegistrarOptions {
   readonly worker: number;
   readonly auth: RegistrarAuth | null;
   readonly respond: (reply: Reply) => void;
+  /**
+   * A request that waited longer than this (ms) in the queue is answered 503 + Retry-After instead
+   * of being served (see the stage runtime's `deadlineMs`). @default no deadline
+   */
+  readonly deadlineMs?: number;
   readonly onError: (error: unknown, stage: string) => void;
 }
 
@@ -464,6 +470,14 @@ export function createRegistrarStage(
     name: "registrar",
     ...REGISTRAR_SETTINGS,
     onError: options.onError,
+    ...(options.deadlineMs === undefined ? {} : {
+      deadlineMs: options.deadlineMs,
+      onLate(inbound: Inbound, waitedMs: number) {
+        inbound.flow?.requestDone();
+        const reply = overloadReply(inbound, retryAfterFor(waitedMs, options.deadlineMs!));
+        if (reply !== null) options.respond(reply);
+      },
+    }),
     async handler(inbound) {
       try {
         await handle(inbound);

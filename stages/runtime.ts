@@ -119,6 +119,16 @@ export interface StageOptions<T> {
   readonly mode?: "inline" | "deferred";
   /** Deferred stages: milliseconds of handler work per event-loop turn. @default 4 */
   readonly budgetMs?: number;
+  /**
+   * Deferred stages: a normal-lane item that has waited longer than this (ms) is not served but
+   * handed to `onLate` and counted as dropped `late` (SEDA's shedding at the queue, CoDel's sojourn
+   * time): when the drain rate falls suddenly, the queue's tail would otherwise wait several
+   * admission targets, and an answer that late is worth less than the work it costs. Urgent items
+   * are always served. @default no deadline
+   */
+  readonly deadlineMs?: number;
+  /** Answers an item taken late (see `deadlineMs`), e.g. with 503. */
+  readonly onLate?: (item: T, waitedMs: number) => void;
   /** Handles one item. A returned promise keeps the item in service until it settles. */
   readonly handler: (item: T) => void | Promise<void>;
   /** Told of handler exceptions (bugs). The item is counted as dropped with reason `handler-error`. */
@@ -187,6 +197,8 @@ export class Stage<T> {
   readonly #handler: (item: T) => void | Promise<void>;
   readonly #onError: (error: unknown, stage: string) => void;
   readonly #budgetMs: number;
+  readonly #deadlineMs: number;
+  readonly #onLate: ((item: T, waitedMs: number) => void) | null;
   readonly #normal: Ring<T>;
   readonly #urgent: Ring<T>;
   #inFlight = 0;
@@ -218,6 +230,8 @@ export class Stage<T> {
     this.concurrency = options.concurrency;
     this.mode = options.mode ?? "inline";
     this.#budgetMs = options.budgetMs ?? 4;
+    this.#deadlineMs = options.onLate !== undefined ? options.deadlineMs ?? Infinity : Infinity;
+    this.#onLate = options.onLate ?? null;
     this.#handler = options.handler;
     this.#onError = options.onError ?? (() => {});
     this.#normal = new Ring<T>(options.capacity);
@@ -353,6 +367,15 @@ export class Stage<T> {
       const lane = this.#urgent.size > 0 ? this.#urgent : this.#normal;
       const waitMs = t - lane.headAt();
       const item = lane.shift();
+      if (waitMs > this.#deadlineMs && lane === this.#normal) {
+        this.drop("late");
+        try {
+          this.#onLate!(item, waitMs);
+        } catch (error) {
+          this.#onError(error, this.name);
+        }
+        continue;
+      }
       taken++;
       this.queueWait.observe(waitMs / 1000);
       this.#run(item, t);

@@ -126,6 +126,40 @@ Deno.test("Stage (SEDA runtime)", async (t) => {
   });
 
   await t.step(
+    "deadline: items that waited too long go to onLate, urgent ones are served",
+    async () => {
+      const served: number[] = [];
+      const late: [number, number][] = [];
+      const stage = new Stage<number>({
+        name: "q",
+        capacity: 100,
+        concurrency: 1,
+        mode: "deferred",
+        deadlineMs: 30,
+        onLate: (item, waited) => late.push([item, waited]),
+        handler: (item) => {
+          served.push(item);
+          if (item === 0) {
+            const until = performance.now() + 50; // the first item holds the loop 50 ms
+            while (performance.now() < until) { /* busy */ }
+          }
+        },
+      });
+      stage.offer(0);
+      stage.offer(1);
+      stage.offer(2);
+      stage.offer(3, true); // urgent (a BYE, say): never late
+      await stage.idle();
+      stage.offer(4); // taken at once: not late
+      await stage.idle();
+      assert.deepEqual(served, [3, 0, 4]); // the urgent lane first, then 0 holds the loop
+      assert.deepEqual(late.map(([i]) => i), [1, 2]);
+      assert.ok(late.every(([, w]) => w > 30), `waited ${late.map(([, w]) => w)}`);
+      assert.equal(stage.snapshot().dropped["late"], 2);
+    },
+  );
+
+  await t.step(
     "queue delay: a burst after a pause is absorbed, a growing queue is seen at once",
     async () => {
       const stage = new Stage<number>({
