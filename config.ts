@@ -69,7 +69,7 @@ export interface ServeConfig {
   readonly admissionDelayMs: number;
   /**
    * Queue wait (ms) after which an admitted request is answered 503 instead of served, 0 for none.
-   * @default twice the admission delay
+   * @default the admission delay + 15 ms (a few drain turns of slack)
    */
   readonly queueDeadlineMs: number;
   /** The location store: "memory" (nothing kept) or "postgres" (a server URL or the embedded default). */
@@ -124,7 +124,7 @@ Options:
   --connect-burst N        new TCP connections a quiet source may open at once (default 100)
   --max-contact-length B   longest Contact stored (default 512)
   --admission-delay MS     queue delay above which new requests get 503 (default 20)
-  --queue-deadline MS      queue wait after which an admitted request gets 503, 0 off (default 2x delay)
+  --queue-deadline MS      queue wait after which an admitted request gets 503, 0 off (default delay+15)
   --store memory|postgres  where bindings live (default postgres: --db, DATABASE_URL or embedded)
   --db URL                 PostgreSQL server URL (default: $DATABASE_URL, else the embedded engine)
   --data-dir DIR           the embedded engine's data directory (default $XDG_STATE_HOME/citysip/pglite)
@@ -346,7 +346,7 @@ export function parseServeArgs(
     queueDeadlineMs: integer(
       "queue-deadline",
       values["queue-deadline"],
-      2 * admissionDelayMs,
+      admissionDelayMs + 15,
       0,
       600_000,
     ),

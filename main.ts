@@ -53,7 +53,11 @@ export async function main(args: string[]): Promise<number> {
         await runWorkerProcess(
           spec,
           spec.config.udpTransport === "reuseport" ? listenUdpReusePort : undefined,
-          spec.config.tcpTransport === "reuseport" ? listenTcpReusePort : undefined,
+          spec.config.tcpTransport === "reuseport"
+            // The frame stage copies what it keeps (a partial message, an admitted request).
+            ? (host, port, onConnection) =>
+              listenTcpReusePort(host, port, onConnection, { lendChunks: true })
+            : undefined,
         );
         return 0;
       }

@@ -91,6 +91,7 @@ export async function startWorker(options: WorkerOptions): Promise<Worker> {
     limitAction: config.limitAction,
     limitReplies: new SourceRateLimiter({ ratePerSecond: 5, burst: 10, maxSources: 65536 }),
     admissionDelayMs: config.admissionDelayMs,
+    queueDeadlineMs: config.queueDeadlineMs,
     respond: respondOffer,
     onError,
   });
@@ -117,6 +118,9 @@ export async function startWorker(options: WorkerOptions): Promise<Worker> {
     idleTimeout: config.idleTimeout,
     table: flows,
     onData: (flow, bytes) => {
+      // A chunk may be a view of the transport's read buffer, valid during this call only: framed
+      // at once (the frame stage runs inline), else copied to wait in its queue.
+      if (frame.stage.queueLength > 0 || frame.stage.inFlight > 0) bytes = bytes.slice();
       frame.stage.offer({ flow, bytes } as FrameInput);
     },
     onError,

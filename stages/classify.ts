@@ -33,6 +33,11 @@ export interface ClassifyOptions {
   readonly registrar: Stage<Inbound>;
   /** Queue delay (ms) above which new requests are refused. */
   readonly admissionDelayMs: number;
+  /**
+   * The registrar's queue deadline (ms; 0 none): an expected delay past it is refused at once, since
+   * the registrar would answer 503 anyway (see `overloaded`).
+   */
+  readonly queueDeadlineMs: number;
   /** Per-source REGISTER limiter, or null for none. */
   readonly registerLimit: SourceRateLimiter | null;
   /** Over the limit: answer 503 + Retry-After, or drop silently. */
@@ -121,13 +126,19 @@ export function createClassifyStage(options: ClassifyOptions): Stage<Inbound> {
       if (cls >= 2) {
         const delay = registrar.queueDelayMs();
         const target = cls === 2 ? options.admissionDelayMs : options.admissionDelayMs / 2;
-        if ((delay > target && standing(delay, target)) || registrar.free === 0) {
+        if (overloaded(delay, target) || registrar.free === 0) {
           return refuse(inbound, delay, "overload-503");
         }
         if (inbound.flow?.saturated) return refuse(inbound, delay, "flow-overload-503");
       }
-      // A UDP datagram may be a view of the transport's receive buffer: the queue keeps a copy.
-      if (inbound.udp !== null) inbound = { ...inbound, bytes: inbound.bytes.slice() };
+      // A datagram or a TCP read may be a view of the transport's receive buffer: the queue keeps
+      // a copy (the refused never need one).
+      inbound = {
+        bytes: inbound.bytes.slice(),
+        source: inbound.source,
+        flow: inbound.flow,
+        udp: inbound.udp,
+      };
       inbound.flow?.requestStarted();
       if (!registrar.offer(inbound, cls === 1)) {
         inbound.flow?.requestDone();
@@ -136,16 +147,21 @@ export function createClassifyStage(options: ClassifyOptions): Stage<Inbound> {
     },
   });
 
+  const deadline = options.queueDeadlineMs > 0
+    ? options.queueDeadlineMs
+    : 2 * options.admissionDelayMs;
   /**
-   * Whether an expected delay over the target comes from a standing queue rather than a burst: a
-   * burst (a read of many messages at once, the queue refilled after a GC pause or a descheduled
-   * turn) is absorbed while its head is younger than the target and it holds at most two targets of
-   * work; beyond either, new requests are refused. A few items behind an old head mean the loop was
-   * busy elsewhere, not that the registrar is behind: refusing them would not help.
+   * Whether new work is refused: when the queue holds more than the registrar's deadline (at which
+   * it answers 503 anyway: admitting it would only waste work), or when it is
+   * standing, every item taken over the last 50-100 ms having waited longer than the target
+   * (CoDel's rule). A burst (a read of many messages at once, the queue refilled after a GC pause
+   * or a descheduled turn) raises the expected delay and the head's age but lets some items through
+   * fast, so it is absorbed. A few items behind an old head mean the loop was busy elsewhere, not
+   * that the registrar is behind: refusing them would not help.
    */
-  function standing(delay: number, target: number): boolean {
-    if (registrar.queueLength < MIN_BACKLOG) return false;
-    return delay > 2 * target || registrar.headAgeMs() > target;
+  function overloaded(delay: number, target: number): boolean {
+    if (delay <= target || registrar.queueLength < MIN_BACKLOG) return false;
+    return delay > deadline || registrar.standingWaitMs() > target;
   }
 
   function refuse(inbound: Inbound, delayMs: number, why: string): void {

@@ -32,7 +32,8 @@ const registrar = new Stage<Inbound>({
 });
 const classify = createClassifyStage({
   registrar,
-  admissionDelayMs: 30,
+  admissionDelayMs: 20,
+  queueDeadlineMs: 35,
   registerLimit: null,
   limitAction: "503",
   limitReplies: null,

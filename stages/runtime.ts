@@ -142,6 +142,11 @@ const SAMPLE_EVERY = 8;
 
 /** A queue from which nothing was taken for this long is stuck: its head's age is its delay. */
 const STUCK_MS = 100;
+/**
+ * The standing-wait window (CoDel's interval, halved into two buckets): the least wait of the items
+ * taken over the last 50-100 ms. A burst or a pause raises the longest wait, not the least.
+ */
+const STANDING_BUCKET_MS = 50;
 /** How much of the past the wall-time-per-item estimate keeps at each drain turn (~10 turns). */
 const PER_ITEM_DECAY = 0.9;
 
@@ -218,6 +223,10 @@ export class Stage<T> {
   #backlogged = false;
   /** When an item was last taken from the queue. */
   #tookAt = 0;
+  /** Least wait of the normal items taken in the current and the previous bucket, and when it began. */
+  #minWait = Infinity;
+  #prevMinWait = Infinity;
+  #bucketAt = 0;
 
   constructor(options: StageOptions<T>) {
     if (options.capacity < 1 || options.concurrency < 1) {
@@ -277,6 +286,19 @@ export class Stage<T> {
     const predicted = size * this.#perItemMs;
     if (at - this.#tookAt < STUCK_MS) return predicted;
     return Math.max(predicted, this.headAgeMs(at));
+  }
+
+  /**
+   * The standing wait (ms): the least time any normal item taken in the last 50-100 ms had waited,
+   * 0 when the queue is empty. CoDel's signal: a queue whose every item waited longer than the
+   * target is standing (overload) while a burst, a GC pause or one long turn lets some items through
+   * quickly. When nothing was taken for {@link STUCK_MS}, the head's age.
+   */
+  standingWaitMs(at: number = now()): number {
+    if (this.#normal.size === 0) return 0;
+    if (at - this.#tookAt >= STUCK_MS) return this.headAgeMs(at);
+    const least = Math.min(this.#minWait, this.#prevMinWait);
+    return least === Infinity ? 0 : least;
   }
 
   /**
@@ -377,6 +399,17 @@ export class Stage<T> {
         continue;
       }
       taken++;
+      if (lane === this.#normal) {
+        if (t - this.#bucketAt >= STANDING_BUCKET_MS) {
+          // A new bucket; the previous one counts only if it ended just now (no gap).
+          this.#prevMinWait = t - this.#bucketAt < 2 * STANDING_BUCKET_MS
+            ? this.#minWait
+            : Infinity;
+          this.#minWait = Infinity;
+          this.#bucketAt = t;
+        }
+        if (waitMs < this.#minWait) this.#minWait = waitMs;
+      }
       this.queueWait.observe(waitMs / 1000);
       this.#run(item, t);
     }

@@ -75,6 +75,8 @@ const READ_SIZE = 65536;
 const READ_SIZE_N = BigInt(READ_SIZE);
 /** Reads of one connection per readiness event (then the others get their turn). */
 const READS_PER_EVENT = 4;
+/** A turn's writes to one flow up to this size are joined in a shared buffer for their `send`. */
+const JOIN_SIZE = 256 * 1024;
 /** Events per `epoll_wait`. */
 const MAX_EVENTS = 256;
 /** Zero-timeout `epoll_wait` batches handled after a threaded wait before yielding, at most. */
@@ -319,8 +321,12 @@ class FfiSocket implements FlowSocket {
     this.corkBytes = 0;
     if ((this.st & CLOSED) !== 0) return;
     let data = chunks[0]!;
+    // Joined in the loop's shared buffer when they fit (the common case): only bytes the kernel
+    // does not take are copied out to be kept.
+    let joined = false;
     if (chunks.length > 1) {
-      data = new Uint8Array(total);
+      joined = total <= JOIN_SIZE && this.queue === null;
+      data = joined ? this.loop.joinBuffer.subarray(0, total) : new Uint8Array(total);
       let at = 0;
       for (const c of chunks) {
         data.set(c, at);
@@ -343,6 +349,10 @@ class FfiSocket implements FlowSocket {
       sent = 0;
     }
     if (sent === data.length) return;
+    if (joined) {
+      data = data.slice(sent);
+      sent = 0;
+    }
     this.queue = { chunks: [data], offset: sent, bytes: data.length - sent, endBy: 0 };
     this.rearm();
   }
@@ -445,7 +455,9 @@ class FfiSocket implements FlowSocket {
     for (let i = 0; i < READS_PER_EVENT; i++) {
       const n = lib.recv(this.fd, loop.readBuffer, READ_SIZE_N, 0);
       if (n > 0) {
-        const chunk = loop.readBuffer.slice(0, n);
+        const chunk = loop.lendChunks
+          ? loop.readBuffer.subarray(0, n)
+          : loop.readBuffer.slice(0, n);
         const listener = this.onData;
         if (listener !== null) {
           try {
@@ -554,6 +566,8 @@ class Loop {
   readonly lingering = new Set<FfiSocket>();
   lingerTimer: ReturnType<typeof setInterval> | undefined;
   readonly readBuffer = new Uint8Array(READ_SIZE);
+  /** Where one flow's writes of a turn are joined for their `send` (no buffer per `send`). */
+  readonly joinBuffer = new Uint8Array(JOIN_SIZE);
   readonly events = new Uint8Array(MAX_EVENTS * EVENT_SIZE);
   readonly eventView = new DataView(this.events.buffer);
   readonly eventsPtr = Deno.UnsafePointer.of(this.events);
@@ -593,6 +607,8 @@ class Loop {
     readonly fdCeiling: number,
     /** How long `end` waits for a peer to take queued bytes before closing, ms. */
     readonly endTimeoutMs: number,
+    /** Data listeners get views of `readBuffer` (see {@link TcpFfiOptions.lendChunks}). */
+    readonly lendChunks: boolean,
   ) {
     this.listenFd = listenFd;
   }
@@ -812,6 +828,12 @@ export interface TcpFfiOptions {
    * that stops reading must not hold a descriptor forever.
    */
   readonly endTimeoutMs?: number;
+  /**
+   * Data listeners get views of the shared read buffer, valid only until the listener returns
+   * (no copy per read: what a listener keeps, it copies). Default false: a fresh copy per read,
+   * as node:net gives.
+   */
+  readonly lendChunks?: boolean;
 }
 
 /** A {@link TcpTransport} with the FFI transport's counters. */
@@ -894,6 +916,7 @@ export async function listenTcpReusePort(
     onConnection,
     fdCeiling(lib),
     options.endTimeoutMs ?? END_TIMEOUT_MS,
+    options.lendChunks ?? false,
   );
   if (loop.ctl(EPOLL_CTL_ADD, wakeFd, EPOLLIN, 0) < 0) bail("epoll_ctl", errno());
   if (loop.ctl(EPOLL_CTL_ADD, fd, EPOLLIN, 1) < 0) bail("epoll_ctl", errno());
