@@ -160,6 +160,46 @@ Deno.test("Stage (SEDA runtime)", async (t) => {
   );
 
   await t.step(
+    "standing wait (CoDel): a burst behind a pause is not standing, a queue that stays long is",
+    async () => {
+      const stage = new Stage<number>({
+        name: "q",
+        capacity: 100_000,
+        concurrency: 1,
+        mode: "deferred",
+        budgetMs: 2,
+        handler: () => {
+          const until = performance.now() + 0.5; // 0.5 ms each: 2,000 items/s
+          while (performance.now() < until) { /* busy */ }
+        },
+      });
+      // A burst of 30 items (15 ms of work) after a 40 ms stall: the head waited 40 ms, but the
+      // queue drains, and once it has the least wait seen is that of items taken at once.
+      for (let i = 0; i < 30; i++) stage.offer(i);
+      const stall = performance.now() + 40;
+      while (performance.now() < stall) { /* the event loop is busy elsewhere */ }
+      await stage.idle();
+      for (let i = 0; i < 5; i++) {
+        stage.offer(i);
+        await new Promise((r) => setTimeout(r, 2));
+      }
+      stage.offer(0);
+      stage.offer(1);
+      assert.ok(stage.standingWaitMs() < 10, `after the burst: ${stage.standingWaitMs()} ms`);
+      await stage.idle();
+      // 4,000 items/s offered against 2,000/s for 300 ms: every item taken has waited longer and
+      // longer; the least wait over the last 50-100 ms is well over 20 ms.
+      for (let k = 0; k < 30; k++) {
+        for (let i = 0; i < 40; i++) stage.offer(i);
+        await new Promise((r) => setTimeout(r, 10));
+      }
+      assert.ok(stage.standingWaitMs() > 20, `standing: ${stage.standingWaitMs()} ms`);
+      await stage.idle();
+      assert.equal(stage.standingWaitMs(), 0, "nothing waits");
+    },
+  );
+
+  await t.step(
     "queue delay: a burst after a pause is absorbed, a growing queue is seen at once",
     async () => {
       const stage = new Stage<number>({
