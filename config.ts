@@ -68,7 +68,8 @@ export interface ServeConfig {
   /** Queue delay (ms) above which classify refuses new requests with 503. @default 20 */
   readonly admissionDelayMs: number;
   /**
-   * Queue wait (ms) after which an admitted request is answered 503 instead of served, 0 for none.
+   * In overload (a standing queue), the queue wait (ms) after which an admitted request is answered
+   * 503 instead of served, 0 for none.
    * @default the admission delay + 15 ms (a few drain turns of slack)
    */
   readonly queueDeadlineMs: number;
@@ -124,7 +125,7 @@ Options:
   --connect-burst N        new TCP connections a quiet source may open at once (default 100)
   --max-contact-length B   longest Contact stored (default 512)
   --admission-delay MS     queue delay above which new requests get 503 (default 20)
-  --queue-deadline MS      queue wait after which an admitted request gets 503, 0 off (default delay+15)
+  --queue-deadline MS      in overload, queue wait after which a request gets 503, 0 off (default delay+15)
   --store memory|postgres  where bindings live (default postgres: --db, DATABASE_URL or embedded)
   --db URL                 PostgreSQL server URL (default: $DATABASE_URL, else the embedded engine)
   --data-dir DIR           the embedded engine's data directory (default $XDG_STATE_HOME/citysip/pglite)

@@ -32,6 +32,10 @@ const HELP: Record<string, [string, string]> = {
     "gauge",
     "Wall time per item taken while the queue was backlogged (the inverse of the drain rate).",
   ],
+  citysip_stage_standing: [
+    "gauge",
+    "1 while the queue is standing: every item taken for 100 ms waited over the target (overload).",
+  ],
   citysip_stage_queue_wait_seconds: ["histogram", "Time items waited in the queue."],
   citysip_stage_service_seconds: ["histogram", "Time items spent in service."],
   citysip_flows_open: ["gauge", "TCP flows held."],
@@ -61,6 +65,7 @@ export function renderMetrics(workers: readonly WorkerMetrics[]): string {
       add("citysip_stage_in_flight", sl, s.inFlight);
       add("citysip_stage_queue_delay_seconds", sl, s.queueDelayMs / 1000);
       add("citysip_stage_seconds_per_item", sl, s.perItemMs / 1000);
+      add("citysip_stage_standing", sl, s.standing ? 1 : 0);
       for (
         const [name, h] of [
           ["citysip_stage_queue_wait_seconds", s.queueWait],

@@ -76,6 +76,7 @@ export async function startWorker(options: WorkerOptions): Promise<Worker> {
     worker: options.id,
     auth: options.auth,
     respond: respondOffer,
+    targetMs: config.admissionDelayMs,
     ...(config.queueDeadlineMs > 0 ? { deadlineMs: config.queueDeadlineMs } : {}),
     onError,
   });
@@ -91,7 +92,6 @@ export async function startWorker(options: WorkerOptions): Promise<Worker> {
     limitAction: config.limitAction,
     limitReplies: new SourceRateLimiter({ ratePerSecond: 5, burst: 10, maxSources: 65536 }),
     admissionDelayMs: config.admissionDelayMs,
-    queueDeadlineMs: config.queueDeadlineMs,
     respond: respondOffer,
     onError,
   });

@@ -33,11 +33,6 @@ export interface ClassifyOptions {
   readonly registrar: Stage<Inbound>;
   /** Queue delay (ms) above which new requests are refused. */
   readonly admissionDelayMs: number;
-  /**
-   * The registrar's queue deadline (ms; 0 none): an expected delay past it is refused at once, since
-   * the registrar would answer 503 anyway (see `overloaded`).
-   */
-  readonly queueDeadlineMs: number;
   /** Per-source REGISTER limiter, or null for none. */
   readonly registerLimit: SourceRateLimiter | null;
   /** Over the limit: answer 503 + Retry-After, or drop silently. */
@@ -54,6 +49,8 @@ export interface ClassifyOptions {
 
 /** Queue length below which admission never refuses on delay alone. */
 export const MIN_BACKLOG = 32;
+/** Outside overload (the queue not standing), the expected delay refused is this many targets. */
+export const BURST_TARGETS = 4;
 
 /** The priority class of a first line: 0 response, 1 ACK/CANCEL/BYE, 2 REGISTER, 3 other, -1 invalid. */
 export function priorityOf(bytes: Uint8Array): { cls: -1 | 0 | 1 | 2 | 3; method: string } {
@@ -147,21 +144,18 @@ export function createClassifyStage(options: ClassifyOptions): Stage<Inbound> {
     },
   });
 
-  const deadline = options.queueDeadlineMs > 0
-    ? options.queueDeadlineMs
-    : 2 * options.admissionDelayMs;
   /**
-   * Whether new work is refused: when the queue holds more than the registrar's deadline (at which
-   * it answers 503 anyway: admitting it would only waste work), or when it is
-   * standing, every item taken over the last 50-100 ms having waited longer than the target
-   * (CoDel's rule). A burst (a read of many messages at once, the queue refilled after a GC pause
-   * or a descheduled turn) raises the expected delay and the head's age but lets some items through
-   * fast, so it is absorbed. A few items behind an old head mean the loop was busy elsewhere, not
-   * that the registrar is behind: refusing them would not help.
+   * Whether new work is refused for the registrar's queue (SEDA's admission by queue delay, with
+   * CoDel's distinction of a standing queue from a burst): while the queue is standing (overload),
+   * once the expected delay passes the target; otherwise only past {@link BURST_TARGETS} targets.
+   * A burst or the backlog of a GC pause is served, a little late, rather than refused; at the onset
+   * of overload the queue holds at most that much until it is standing (100 ms), and what waited
+   * past the deadline by then is answered 503 by the registrar. A few items behind an old head mean
+   * the loop was busy elsewhere, not that the registrar is behind: never refused.
    */
   function overloaded(delay: number, target: number): boolean {
-    if (delay <= target || registrar.queueLength < MIN_BACKLOG) return false;
-    return delay > deadline || registrar.standingWaitMs() > target;
+    if (registrar.queueLength < MIN_BACKLOG) return false;
+    return delay > (registrar.standing ? target : BURST_TARGETS * target);
   }
 
   function refuse(inbound: Inbound, delayMs: number, why: string): void {

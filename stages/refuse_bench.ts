@@ -33,7 +33,6 @@ const registrar = new Stage<Inbound>({
 const classify = createClassifyStage({
   registrar,
   admissionDelayMs: 20,
-  queueDeadlineMs: 35,
   registerLimit: null,
   limitAction: "503",
   limitReplies: null,

@@ -81,9 +81,11 @@ export interface RegistrarOptions {
   readonly worker: number;
   readonly auth: RegistrarAuth | null;
   readonly respond: (reply: Reply) => void;
+  /** The queue wait (ms) by which the queue is judged standing (overload): the admission target. */
+  readonly targetMs?: number;
   /**
-   * A request that waited longer than this (ms) in the queue is answered 503 + Retry-After instead
-   * of being served (see the stage runtime's `deadlineMs`). @default no deadline
+   * While the queue is standing, a request that waited longer than this (ms) is answered 503 +
+   * Retry-After instead of being served (see the stage runtime's `deadlineMs`). @default none
    */
   readonly deadlineMs?: number;
   readonly onError: (error: unknown, stage: string) => void;
@@ -470,6 +472,7 @@ export function createRegistrarStage(
     name: "registrar",
     ...REGISTRAR_SETTINGS,
     onError: options.onError,
+    ...(options.targetMs === undefined ? {} : { targetMs: options.targetMs }),
     ...(options.deadlineMs === undefined ? {} : {
       deadlineMs: options.deadlineMs,
       onLate(inbound: Inbound, waitedMs: number) {

@@ -101,6 +101,8 @@ export interface StageSnapshot {
   readonly queueDelayMs: number;
   /** Measured wall time per item taken while backlogged, ms. */
   readonly perItemMs: number;
+  /** Whether the queue is standing (overload, see {@link Stage.standing}). */
+  readonly standing: boolean;
   readonly inFlight: number;
   readonly concurrency: number;
   readonly queueWait: HistogramData;
@@ -120,11 +122,17 @@ export interface StageOptions<T> {
   /** Deferred stages: milliseconds of handler work per event-loop turn. @default 4 */
   readonly budgetMs?: number;
   /**
-   * Deferred stages: a normal-lane item that has waited longer than this (ms) is not served but
-   * handed to `onLate` and counted as dropped `late` (SEDA's shedding at the queue, CoDel's sojourn
-   * time): when the drain rate falls suddenly, the queue's tail would otherwise wait several
-   * admission targets, and an answer that late is worth less than the work it costs. Urgent items
-   * are always served. @default no deadline
+   * Deferred stages: the queue wait (ms) a standing queue is judged by (see {@link Stage.standing}).
+   * @default no target (never standing)
+   */
+  readonly targetMs?: number;
+  /**
+   * Deferred stages: while the queue is standing, a normal-lane item that has waited longer than
+   * this (ms) is not served but handed to `onLate` and counted as dropped `late` (SEDA's shedding
+   * at the queue, CoDel's drop at dequeue): in overload an answer that late is worth less than the
+   * work it costs, and the tail of the queue would otherwise wait several targets when the drain
+   * rate falls. Outside overload (a burst, a GC pause) late items are served. Urgent items are
+   * always served. @default no deadline
    */
   readonly deadlineMs?: number;
   /** Answers an item taken late (see `deadlineMs`), e.g. with 503. */
@@ -143,10 +151,12 @@ const SAMPLE_EVERY = 8;
 /** A queue from which nothing was taken for this long is stuck: its head's age is its delay. */
 const STUCK_MS = 100;
 /**
- * The standing-wait window (CoDel's interval, halved into two buckets): the least wait of the items
- * taken over the last 50-100 ms. A burst or a pause raises the longest wait, not the least.
+ * CoDel's interval: a queue is standing (overloaded, not bursting) once every item taken has waited
+ * longer than the target for this long.
  */
-const STANDING_BUCKET_MS = 50;
+const STANDING_INTERVAL_MS = 100;
+/** A standing queue that ended less than this ago starts again at once, without a new interval. */
+const STANDING_MEMORY_MS = 1000;
 /** How much of the past the wall-time-per-item estimate keeps at each drain turn (~10 turns). */
 const PER_ITEM_DECAY = 0.9;
 
@@ -202,6 +212,7 @@ export class Stage<T> {
   readonly #handler: (item: T) => void | Promise<void>;
   readonly #onError: (error: unknown, stage: string) => void;
   readonly #budgetMs: number;
+  readonly #targetMs: number;
   readonly #deadlineMs: number;
   readonly #onLate: ((item: T, waitedMs: number) => void) | null;
   readonly #normal: Ring<T>;
@@ -223,10 +234,10 @@ export class Stage<T> {
   #backlogged = false;
   /** When an item was last taken from the queue. */
   #tookAt = 0;
-  /** Least wait of the normal items taken in the current and the previous bucket, and when it began. */
-  #minWait = Infinity;
-  #prevMinWait = Infinity;
-  #bucketAt = 0;
+  /** CoDel state: since when every item taken waited over the target (0: the last did not). */
+  #firstAboveAt = 0;
+  #standing = false;
+  #standingEndedAt = -Infinity;
 
   constructor(options: StageOptions<T>) {
     if (options.capacity < 1 || options.concurrency < 1) {
@@ -239,6 +250,7 @@ export class Stage<T> {
     this.concurrency = options.concurrency;
     this.mode = options.mode ?? "inline";
     this.#budgetMs = options.budgetMs ?? 4;
+    this.#targetMs = options.targetMs ?? Infinity;
     this.#deadlineMs = options.onLate !== undefined ? options.deadlineMs ?? Infinity : Infinity;
     this.#onLate = options.onLate ?? null;
     this.#handler = options.handler;
@@ -289,16 +301,14 @@ export class Stage<T> {
   }
 
   /**
-   * The standing wait (ms): the least time any normal item taken in the last 50-100 ms had waited,
-   * 0 when the queue is empty. CoDel's signal: a queue whose every item waited longer than the
-   * target is standing (overload) while a burst, a GC pause or one long turn lets some items through
-   * quickly. When nothing was taken for {@link STUCK_MS}, the head's age.
+   * Whether the queue is standing (CoDel's dropping state): every normal item taken over the last
+   * 100 ms had waited longer than the target, or over it again within a second of the last
+   * standing period. It ends when an item is taken after less than half the target, or the queue
+   * empties. A burst, a GC pause or one long turn makes a few items wait, then the queue drains
+   * below the target within the interval: not standing. Overload keeps it above.
    */
-  standingWaitMs(at: number = now()): number {
-    if (this.#normal.size === 0) return 0;
-    if (at - this.#tookAt >= STUCK_MS) return this.headAgeMs(at);
-    const least = Math.min(this.#minWait, this.#prevMinWait);
-    return least === Infinity ? 0 : least;
+  get standing(): boolean {
+    return this.#standing && this.#normal.size > 0;
   }
 
   /**
@@ -344,6 +354,7 @@ export class Stage<T> {
       queueCapacity: this.capacity,
       queueDelayMs: this.queueDelayMs(),
       perItemMs: this.#perItemMs,
+      standing: this.standing,
       inFlight: this.#inFlight,
       concurrency: this.concurrency,
       queueWait: {
@@ -389,27 +400,19 @@ export class Stage<T> {
       const lane = this.#urgent.size > 0 ? this.#urgent : this.#normal;
       const waitMs = t - lane.headAt();
       const item = lane.shift();
-      if (waitMs > this.#deadlineMs && lane === this.#normal) {
-        this.drop("late");
-        try {
-          this.#onLate!(item, waitMs);
-        } catch (error) {
-          this.#onError(error, this.name);
+      if (lane === this.#normal) {
+        this.#observeWait(waitMs, t);
+        if (this.#standing && waitMs > this.#deadlineMs) {
+          this.drop("late");
+          try {
+            this.#onLate!(item, waitMs);
+          } catch (error) {
+            this.#onError(error, this.name);
+          }
+          continue;
         }
-        continue;
       }
       taken++;
-      if (lane === this.#normal) {
-        if (t - this.#bucketAt >= STANDING_BUCKET_MS) {
-          // A new bucket; the previous one counts only if it ended just now (no gap).
-          this.#prevMinWait = t - this.#bucketAt < 2 * STANDING_BUCKET_MS
-            ? this.#minWait
-            : Infinity;
-          this.#minWait = Infinity;
-          this.#bucketAt = t;
-        }
-        if (waitMs < this.#minWait) this.#minWait = waitMs;
-      }
       this.queueWait.observe(waitMs / 1000);
       this.#run(item, t);
     }
@@ -430,6 +433,25 @@ export class Stage<T> {
       this.#backlogged = this.#size > 0;
     }
     if (this.#size > 0 && this.#inFlight < this.concurrency) this.#schedule();
+  }
+
+  /** CoDel's state machine, fed with the wait of each normal item taken. */
+  #observeWait(waitMs: number, t: number): void {
+    if (waitMs < (this.#standing ? this.#targetMs / 2 : this.#targetMs)) {
+      if (this.#standing) {
+        this.#standing = false;
+        this.#standingEndedAt = t;
+      }
+      this.#firstAboveAt = 0;
+      return;
+    }
+    if (this.#standing) return;
+    if (this.#firstAboveAt === 0) {
+      this.#firstAboveAt = t;
+      if (t - this.#standingEndedAt < STANDING_MEMORY_MS) this.#standing = true;
+    } else if (t - this.#firstAboveAt >= STANDING_INTERVAL_MS) {
+      this.#standing = true;
+    }
   }
 
   /** Runs the handler; `start` is when service began (-1: not timed). */

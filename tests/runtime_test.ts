@@ -3,6 +3,32 @@ import { Histogram, LATENCY_BUCKETS, Stage } from "../stages/runtime.ts";
 
 const tick = () => new Promise((r) => setTimeout(r, 5));
 
+/** A deferred stage whose items take 0.5 ms of work each (2,000 items/s), `budgetMs` a turn. */
+function slowStage(
+  budgetMs: number,
+  more: {
+    targetMs?: number;
+    deadlineMs?: number;
+    onLate?: (item: number, waited: number) => void;
+    onItem?: (item: number) => void;
+  } = {},
+): Stage<number> {
+  const { onItem, ...options } = more;
+  return new Stage<number>({
+    name: "q",
+    capacity: 100_000,
+    concurrency: 1,
+    mode: "deferred",
+    budgetMs,
+    ...options,
+    handler: (item) => {
+      onItem?.(item);
+      const until = performance.now() + 0.5;
+      while (performance.now() < until) { /* busy */ }
+    },
+  });
+}
+
 Deno.test("Stage (SEDA runtime)", async (t) => {
   await t.step("inline stage handles an item at once, on the caller's stack", () => {
     const seen: number[] = [];
@@ -126,93 +152,48 @@ Deno.test("Stage (SEDA runtime)", async (t) => {
   });
 
   await t.step(
-    "deadline: items that waited too long go to onLate, urgent ones are served",
+    "standing queue (CoDel): a burst behind a pause is served, sustained overload is standing and sheds late items, urgent ones are served",
     async () => {
+      const late: number[] = [];
       const served: number[] = [];
-      const late: [number, number][] = [];
-      const stage = new Stage<number>({
-        name: "q",
-        capacity: 100,
-        concurrency: 1,
-        mode: "deferred",
+      const stage = slowStage(2, {
+        targetMs: 10,
         deadlineMs: 30,
-        onLate: (item, waited) => late.push([item, waited]),
-        handler: (item) => {
-          served.push(item);
-          if (item === 0) {
-            const until = performance.now() + 50; // the first item holds the loop 50 ms
-            while (performance.now() < until) { /* busy */ }
-          }
-        },
+        onLate: (_item, waited) => late.push(waited),
+        onItem: (item) => served.push(item),
       });
-      stage.offer(0);
-      stage.offer(1);
-      stage.offer(2);
-      stage.offer(3, true); // urgent (a BYE, say): never late
-      await stage.idle();
-      stage.offer(4); // taken at once: not late
-      await stage.idle();
-      assert.deepEqual(served, [3, 0, 4]); // the urgent lane first, then 0 holds the loop
-      assert.deepEqual(late.map(([i]) => i), [1, 2]);
-      assert.ok(late.every(([, w]) => w > 30), `waited ${late.map(([, w]) => w)}`);
-      assert.equal(stage.snapshot().dropped["late"], 2);
-    },
-  );
-
-  await t.step(
-    "standing wait (CoDel): a burst behind a pause is not standing, a queue that stays long is",
-    async () => {
-      const stage = new Stage<number>({
-        name: "q",
-        capacity: 100_000,
-        concurrency: 1,
-        mode: "deferred",
-        budgetMs: 2,
-        handler: () => {
-          const until = performance.now() + 0.5; // 0.5 ms each: 2,000 items/s
-          while (performance.now() < until) { /* busy */ }
-        },
-      });
-      // A burst of 30 items (15 ms of work) after a 40 ms stall: the head waited 40 ms, but the
-      // queue drains, and once it has the least wait seen is that of items taken at once.
-      for (let i = 0; i < 30; i++) stage.offer(i);
+      // A burst of 60 items (30 ms of work) behind a 40 ms stall: they wait up to ~70 ms, but the
+      // queue drains within the 100 ms interval: not standing, nothing shed.
+      for (let i = 0; i < 60; i++) stage.offer(i);
       const stall = performance.now() + 40;
       while (performance.now() < stall) { /* the event loop is busy elsewhere */ }
       await stage.idle();
-      for (let i = 0; i < 5; i++) {
-        stage.offer(i);
-        await new Promise((r) => setTimeout(r, 2));
-      }
-      stage.offer(0);
-      stage.offer(1);
-      assert.ok(stage.standingWaitMs() < 10, `after the burst: ${stage.standingWaitMs()} ms`);
-      await stage.idle();
-      // 4,000 items/s offered against 2,000/s for 300 ms: every item taken has waited longer and
-      // longer; the least wait over the last 50-100 ms is well over 20 ms.
-      for (let k = 0; k < 30; k++) {
-        for (let i = 0; i < 40; i++) stage.offer(i);
+      assert.equal(late.length, 0, `shed after a mere pause: ${late.length}`);
+      assert.equal(served.length, 60);
+      assert.equal(stage.standing, false);
+      // 4,000 items/s offered against 2,000/s for 400 ms: every item taken waits longer than the
+      // target for more than 100 ms: standing, and items that waited past 30 ms go to onLate.
+      let sawStanding = false;
+      for (let k = 0; k < 40; k++) {
+        for (let i = 0; i < 40; i++) stage.offer(1000 + i);
+        if (k === 30) stage.offer(-1, true); // urgent (a BYE, say): never late
         await new Promise((r) => setTimeout(r, 10));
+        sawStanding ||= stage.standing;
       }
-      assert.ok(stage.standingWaitMs() > 20, `standing: ${stage.standingWaitMs()} ms`);
+      assert.ok(sawStanding, "sustained overload is standing");
+      assert.ok(late.length > 0, "late items were shed");
+      assert.ok(late.every((w) => w > 30), `shed before the deadline: ${Math.min(...late)}`);
+      assert.ok(served.includes(-1), "the urgent item was served");
+      assert.equal(stage.snapshot().dropped["late"], late.length);
       await stage.idle();
-      assert.equal(stage.standingWaitMs(), 0, "nothing waits");
+      assert.equal(stage.standing, false, "an empty queue is not standing");
     },
   );
 
   await t.step(
     "queue delay: a burst after a pause is absorbed, a growing queue is seen at once",
     async () => {
-      const stage = new Stage<number>({
-        name: "q",
-        capacity: 100_000,
-        concurrency: 1,
-        mode: "deferred",
-        budgetMs: 1,
-        handler: () => {
-          const until = performance.now() + 0.5; // 0.5 ms of work each: 2,000 items/s
-          while (performance.now() < until) { /* busy */ }
-        },
-      });
+      const stage = slowStage(1);
       // Light load: items are taken as they come.
       for (let i = 0; i < 10; i++) {
         stage.offer(i);
