@@ -49,6 +49,8 @@ export interface Summary {
   kamailio_register_per_s: Record<typeof RATE_KEYS[number], number | null>;
   /** citysip goodput at 3x capacity divided by capacity. */
   overload_goodput_ratio_at_3x: { udp: number | null; tcp: number | null };
+  /** citysip REGISTER/s of one worker on one core (the overload scenario's closed-loop capacity). */
+  capacity_one_worker_per_s: { udp: number | null; tcp: number | null };
   /** citysip p99 at 80% of capacity, ms. */
   p99_ms_at_80pct: { udp_postgres: number | null; tcp_persistent_postgres: number | null };
   /** Machine facts. */
@@ -110,6 +112,12 @@ export function overloadRatio(results: Results, target: string, mode: string): n
   return s ? s.goodput_ratio : null;
 }
 
+/** The overload scenario's capacity: closed-loop REGISTER/s of one worker pinned to one core. */
+export function overloadCapacity(results: Results, target: string, mode: string): number | null {
+  const c = get(results, "overload", target, mode, "capacity_per_s");
+  return typeof c === "number" ? c : null;
+}
+
 /** p99 latency (ms) of the requests admitted (answered 2xx) in our generator's 3x round. */
 export function overloadP99(results: Results, target: string, mode: string): number | null {
   const steps = get(results, "overload", target, mode, "steps") as
@@ -137,6 +145,10 @@ export function buildSummary(results: Results, machine: MachineFacts): Summary {
     overload_goodput_ratio_at_3x: {
       udp: overloadRatio(results, "citysip", "udp"),
       tcp: overloadRatio(results, "citysip", "tcp_persistent"),
+    },
+    capacity_one_worker_per_s: {
+      udp: overloadCapacity(results, "citysip", "udp"),
+      tcp: overloadCapacity(results, "citysip", "tcp_persistent"),
     },
     p99_ms_at_80pct: {
       udp_postgres: p80(results, "citysip", "postgres", "udp"),

@@ -13,6 +13,7 @@ const SUMMARY_KEYS = [
   "register_per_s",
   "kamailio_register_per_s",
   "overload_goodput_ratio_at_3x",
+  "capacity_one_worker_per_s",
   "p99_ms_at_80pct",
   "machine",
 ].sort();
@@ -89,6 +90,8 @@ Deno.test({
       }
       assertNumberOrNull(summary.overload_goodput_ratio_at_3x.udp, "overload udp");
       assertNumberOrNull(summary.overload_goodput_ratio_at_3x.tcp, "overload tcp");
+      assertNumberOrNull(summary.capacity_one_worker_per_s.udp, "capacity udp");
+      assertNumberOrNull(summary.capacity_one_worker_per_s.tcp, "capacity tcp");
       assertNumberOrNull(summary.p99_ms_at_80pct.udp_postgres, "p99 udp_postgres");
       assertNumberOrNull(
         summary.p99_ms_at_80pct.tcp_persistent_postgres,
