@@ -149,6 +149,34 @@ function fail(call: string, errno: number, host: string, port: number): never {
 }
 
 /**
+ * BATCH slots of `slot` bytes of data and of addresses, with the iovecs and mmsghdrs that point at
+ * them, wired once for `recvmmsg`/`sendmmsg` (a send sets each datagram's lengths itself). The
+ * arrays in `keep` must stay referenced while the kernel may use the pointers.
+ */
+function wiredBatch(slot: number) {
+  const data = new Uint8Array(BATCH * slot);
+  const names = new Uint8Array(BATCH * NAME);
+  const iovs = new Uint8Array(BATCH * 16);
+  const hdrs = new Uint8Array(BATCH * MMSGHDR);
+  const iovView = new DataView(iovs.buffer);
+  const hdrView = new DataView(hdrs.buffer);
+  const dataAt = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(data)));
+  const namesAt = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(names)));
+  const iovsAt = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(iovs)));
+  for (let i = 0; i < BATCH; i++) {
+    iovView.setBigUint64(i * 16, dataAt + BigInt(i * slot), true); // iov_base
+    iovView.setBigUint64(i * 16 + 8, BigInt(slot), true); // iov_len
+    const h = i * MMSGHDR;
+    hdrView.setBigUint64(h, namesAt + BigInt(i * NAME), true); // msg_name
+    hdrView.setUint32(h + 8, NAME, true); // msg_namelen
+    hdrView.setBigUint64(h + 16, iovsAt + BigInt(i * 16), true); // msg_iov
+    hdrView.setBigUint64(h + 24, 1n, true); // msg_iovlen
+  }
+  const hdrsPtr = Deno.UnsafePointer.of(hdrs);
+  return { data, names, iovView, hdrView, dataAt, hdrsPtr, keep: [data, names, iovs, hdrs] };
+}
+
+/**
  * Binds a UDP socket on host:port with `SO_REUSEPORT` (and `SO_REUSEADDR`), so every process of the
  * same user that binds the same address and port shares its datagrams, and calls `onDatagram` for
  * each datagram received, with a view of the receive buffer that is reused once `onDatagram`
@@ -197,27 +225,9 @@ export async function listenUdpReusePort(
   const localAddress = family === AF_INET ? formatIPv4(local, 4) : formatIPv6(local, 8);
 
   // Receive buffers: BATCH slots of data, addresses, iovecs and mmsghdrs, wired once.
-  const data = new Uint8Array(BATCH * SLOT);
-  const names = new Uint8Array(BATCH * NAME);
-  const iovs = new Uint8Array(BATCH * 16);
-  const hdrs = new Uint8Array(BATCH * MMSGHDR);
-  const hdrView = new DataView(hdrs.buffer);
-  const iovView = new DataView(iovs.buffer);
-  const dataAt = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(data)));
-  const namesAt = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(names)));
-  const iovsAt = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(iovs)));
-  const hdrsPtr = Deno.UnsafePointer.of(hdrs);
-  for (let i = 0; i < BATCH; i++) {
-    iovView.setBigUint64(i * 16, dataAt + BigInt(i * SLOT), true); // iov_base
-    iovView.setBigUint64(i * 16 + 8, BigInt(SLOT), true); // iov_len
-    const h = i * MMSGHDR;
-    hdrView.setBigUint64(h, namesAt + BigInt(i * NAME), true); // msg_name
-    hdrView.setUint32(h + 8, NAME, true); // msg_namelen
-    hdrView.setBigUint64(h + 16, iovsAt + BigInt(i * 16), true); // msg_iov
-    hdrView.setBigUint64(h + 24, 1n, true); // msg_iovlen
-  }
+  const { data, names, hdrView, hdrsPtr, keep: inKeep } = wiredBatch(SLOT);
 
-  const keepAlive: Uint8Array[] = [data, names, iovs, hdrs];
+  const keepAlive: Uint8Array[] = [...inKeep];
   let closing = false;
   let sendErrors = 0;
   const sourceCache = new Map<number, string>();
@@ -303,24 +313,16 @@ export async function listenUdpReusePort(
   // (Deno.UnsafePointer.of records each buffer in a WeakMap: dearer than the copy). A larger one
   // (rare: RFC 3261 §18.1.1 keeps UDP messages under the MTU) is pointed at where it is, and kept
   // referenced until its `sendmmsg`.
-  const outData = new Uint8Array(BATCH * OUT_SLOT);
-  const outNames = new Uint8Array(BATCH * NAME);
-  const outIovs = new Uint8Array(BATCH * 16);
-  const outHdrs = new Uint8Array(BATCH * MMSGHDR);
-  const outIovView = new DataView(outIovs.buffer);
-  const outHdrView = new DataView(outHdrs.buffer);
-  const outDataAt = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(outData)));
-  const outNamesAt = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(outNames)));
-  const outIovsAt = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(outIovs)));
-  const outHdrsPtr = Deno.UnsafePointer.of(outHdrs);
-  for (let i = 0; i < BATCH; i++) {
-    const h = i * MMSGHDR;
-    outHdrView.setBigUint64(h, outNamesAt + BigInt(i * NAME), true); // msg_name
-    outHdrView.setBigUint64(h + 16, outIovsAt + BigInt(i * 16), true); // msg_iov
-    outHdrView.setBigUint64(h + 24, 1n, true); // msg_iovlen
-    outIovView.setBigUint64(i * 16, outDataAt + BigInt(i * OUT_SLOT), true); // iov_base
-  }
-  keepAlive.push(outData, outNames, outIovs, outHdrs);
+  const {
+    data: outData,
+    names: outNames,
+    iovView: outIovView,
+    hdrView: outHdrView,
+    dataAt: outDataAt,
+    hdrsPtr: outHdrsPtr,
+    keep: outKeep,
+  } = wiredBatch(OUT_SLOT);
+  keepAlive.push(...outKeep);
   /** Datagrams in the send batch, and the large ones pointed at in place (referenced until sent). */
   let outCount = 0;
   const outLarge: Uint8Array[] = [];
