@@ -22,7 +22,7 @@ import { type QuickParts, quickParts, quickReply } from "../sip/serialize.ts";
 import type { Inbound, Reply } from "./items.ts";
 import type { SourceRateLimiter } from "./limits.ts";
 import { localTag } from "./respond.ts";
-import { Stage } from "./runtime.ts";
+import { MIN_BACKLOG, Stage } from "./runtime.ts";
 
 /** Queue and worker settings: classification is a few byte comparisons, run inline. */
 export const CLASSIFY_SETTINGS = { capacity: 1024, concurrency: 1, mode: "inline" } as const;
@@ -47,8 +47,8 @@ export interface ClassifyOptions {
   readonly onError: (error: unknown, stage: string) => void;
 }
 
-/** Queue length below which admission never refuses on delay alone. */
-export const MIN_BACKLOG = 32;
+/** Queue length below which admission never refuses on delay alone (the runtime's, see there). */
+export { MIN_BACKLOG };
 /** Outside overload (the queue not standing), the expected delay refused is this many targets. */
 export const BURST_TARGETS = 4;
 

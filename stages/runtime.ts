@@ -155,8 +155,12 @@ const STUCK_MS = 100;
  * longer than the target for this long.
  */
 const STANDING_INTERVAL_MS = 100;
-/** Items behind a late one for its wait to count as the queue's (CoDel: more than a packet queued). */
-const STANDING_MIN_BACKLOG = 32;
+/**
+ * Items waiting below which a queue's wait is the event loop's, not the queue's (CoDel: more than a
+ * packet queued): a late item with fewer behind it does not make the queue standing, and admission
+ * (stages/classify.ts) never refuses on delay below it.
+ */
+export const MIN_BACKLOG = 32;
 /** A standing queue that ended less than this ago starts again at once, without a new interval. */
 const STANDING_MEMORY_MS = 1000;
 /** How much of the past the wall-time-per-item estimate keeps at each drain turn (~10 turns). */
@@ -440,13 +444,13 @@ export class Stage<T> {
   /**
    * CoDel's state machine, fed with the wait of each normal item taken and the items still behind
    * it. As CoDel counts a sojourn over the target only while more than a packet is queued, a wait
-   * with fewer than {@link STANDING_MIN_BACKLOG} items behind it came from the event loop being busy
+   * with fewer than {@link MIN_BACKLOG} items behind it came from the event loop being busy
    * elsewhere (or the process descheduled), not from this queue: it ends a standing period as a
    * short wait does, since refusing work would not shorten it.
    */
   #observeWait(waitMs: number, behind: number, t: number): void {
     const threshold = this.#standing ? this.#targetMs / 2 : this.#targetMs;
-    if (waitMs < threshold || behind < STANDING_MIN_BACKLOG) {
+    if (waitMs < threshold || behind < MIN_BACKLOG) {
       if (this.#standing) {
         this.#standing = false;
         this.#standingEndedAt = t;
